@@ -1,0 +1,179 @@
+"""The Transform protocol and the Bucket a transform works on.
+
+A recipe (``hina_kohya.optim``) is a short chain of Transforms, in the spirit of optax's
+``chain(scale_by_adam(), add_decayed_weights(), ...)``. Each step, the engine groups the
+parameters of one param group that have a gradient into Buckets (one per device and dtype) and
+runs the chain over each Bucket. A Transform reads the gradients and its own state and produces,
+or rescales, the *update*; only the engine (``core/optimizer.py``) writes parameters.
+
+Every Transform has two paths that must agree (tests check it):
+
+* ``foreach(bucket)``: list-wise ``torch._foreach_*`` ops over the whole Bucket (the fast path);
+* ``single(bucket, i)``: a readable single-tensor version for tensor ``i`` (the ground truth).
+
+Shapes: ``bucket.params[i]``, ``bucket.grads[i]``, ``bucket.state[key][i]`` and the update of
+tensor ``i`` all have the shape of parameter ``i``, unless a StateSpec says otherwise (factored
+states, later). All tensors a transform sees are in the compute dtype (fp32, or fp64 for fp64
+params); how state is stored (fp32 / bf16 / 8-bit) is hidden by ``core/quant.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One per-parameter state tensor a Transform owns.
+
+    key:         name in ``optimizer.state[p]`` (stable: it is saved in checkpoints).
+    signed:      values can be negative (chooses the signed or unsigned 8-bit map).
+    quantizable: may be stored in bf16 / 8-bit when ``state_precision`` asks for it. States whose
+                 precision matters more than their size (anchors, small statistics) say False.
+    init:        ``"zeros"`` or ``"param"`` (a copy of the parameter's current value).
+    shape:       None for the parameter's shape, else a function ``param -> shape``.
+    """
+
+    key: str
+    signed: bool = True
+    quantizable: bool = True
+    init: str = "zeros"
+    shape: Optional[Callable[[Tensor], Sequence[int]]] = None
+
+
+class Bucket:
+    """The tensors of one param group on one device and dtype, for one step.
+
+    Attributes read by transforms:
+      hp:       the param group dict (``lr``, ``betas``, ``weight_decay``, ...), read each step.
+      params:   the parameters (never written by transforms).
+      grads:    gradients in the compute dtype. Never modify them in place: for fp32 params they
+                are the ``.grad`` tensors themselves. A transform that transforms the gradient
+                replaces the list (``bucket.grads = new_list``).
+      state:    ``{key: [tensor per param]}`` compute-dtype views of each declared state.
+      steps:    per-parameter step counters *after* the increment (first step is 1), Python ints.
+      roles:    per-parameter ``roles.Role`` or None when names are unknown.
+      indices:  flat positions of the params in the optimizer (stable ids for pairing and seeds).
+
+    Written by transforms, consumed by the engine's write-back:
+      update (via ``set_update`` / ``set_update_ratio`` / ``update()``),
+      lr_scale:   per-tensor Python floats multiplying the learning rate (default 1.0),
+      lr_scale_t: optional per-tensor 0-d tensors (data-dependent scales, no host sync),
+      lr_mask:    optional per-element multipliers (same shapes as params),
+      decay_scale: optional per-tensor multipliers of the decoupled weight decay.
+    """
+
+    def __init__(
+        self,
+        hp: dict,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: dict[str, list[Tensor]],
+        steps: list[int],
+        roles: list[Any],
+        indices: list[int],
+        compute_dtype: torch.dtype,
+    ) -> None:
+        self.hp = hp
+        self.params = params
+        self.grads = grads
+        self.state = state
+        self.steps = steps
+        self.roles = roles
+        self.indices = indices
+        self.compute_dtype = compute_dtype
+        n = len(params)
+        self.lr_scale: list[float] = [1.0] * n
+        self.lr_scale_t: Optional[list[Tensor]] = None
+        self.lr_mask: Optional[list[Tensor]] = None
+        self.decay_scale: Optional[list[float]] = None
+        self._update: Optional[list[Optional[Tensor]]] = None
+        # Lazy form u_i = ratio_scale_i * num_i / den_i, kept so that a plain Adam step can be
+        # written back with one fused addcdiv, as torch.optim.AdamW does.
+        self._ratio: Optional[tuple[list[Tensor], list[Tensor], list[float]]] = None
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    # -- the update -----------------------------------------------------------------------
+    def set_update(self, tensors: list[Tensor]) -> None:
+        """Set the update to tensors the bucket now owns (they may be modified in place)."""
+        self._update = list(tensors)
+        self._ratio = None
+
+    def set_update_one(self, i: int, tensor: Tensor) -> None:
+        """Single-tensor path: set the update of tensor ``i`` (owned)."""
+        if self._update is None:
+            self._update = [None] * len(self)
+        self._update[i] = tensor
+
+    def set_update_ratio(self, num: list[Tensor], den: list[Tensor], scale: list[float]) -> None:
+        """Set the update lazily to ``scale_i * num_i / den_i``; ``num``/``den`` are not owned."""
+        self._ratio = (num, den, scale)
+        self._update = None
+
+    @property
+    def has_ratio(self) -> bool:
+        return self._ratio is not None
+
+    @property
+    def ratio(self) -> tuple[list[Tensor], list[Tensor], list[float]]:
+        assert self._ratio is not None
+        return self._ratio
+
+    def update(self) -> list[Tensor]:
+        """The update as owned tensors, materialising a lazy ratio if needed."""
+        if self._ratio is not None:
+            num, den, scale = self._ratio
+            upd = torch._foreach_div(num, den)
+            if any(s != 1.0 for s in scale):
+                torch._foreach_mul_(upd, scale)
+            self._update = list(upd)
+            self._ratio = None
+        if self._update is None or any(u is None for u in self._update):
+            raise RuntimeError("the recipe's chain produced no update; its first transform must set one")
+        return self._update  # type: ignore[return-value]
+
+    def update_one(self, i: int) -> Tensor:
+        upd = self.update() if self._ratio is not None else self._update
+        if upd is None or upd[i] is None:
+            raise RuntimeError("the recipe's chain produced no update for this tensor")
+        return upd[i]  # type: ignore[return-value]
+
+
+class Transform:
+    """Base class of one technique. Subclasses declare ``state_specs`` and implement both paths."""
+
+    #: short name used in logs and diagnostics
+    name: str = "transform"
+
+    def state_specs(self, hp: dict) -> tuple[StateSpec, ...]:
+        return ()
+
+    def foreach(self, b: Bucket) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def single(self, b: Bucket, i: int) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass
+class Chain:
+    """An ordered list of transforms; the recipe of one param group."""
+
+    transforms: list[Transform] = field(default_factory=list)
+
+    def state_specs(self, hp: dict) -> list[StateSpec]:
+        specs: list[StateSpec] = []
+        seen: set[str] = set()
+        for t in self.transforms:
+            for s in t.state_specs(hp):
+                if s.key in seen:
+                    raise ValueError(f"two transforms declare the state key {s.key!r}")
+                seen.add(s.key)
+                specs.append(s)
+        return specs

@@ -1,0 +1,411 @@
+"""HinaOptimizer: the engine every recipe runs on.
+
+One step, as data flows (DESIGN.md §3):
+
+1. For each param group, take the params whose ``.grad`` is not None. State is created lazily the
+   first time a param has a gradient (module dropout and DyLoRA leave grads None).
+2. Group them into Buckets by (device, dtype); gradients and state are presented in the compute
+   dtype (fp32, or fp64 for fp64 params).
+3. Run the group's Chain of Transforms (``foreach`` lists, or the single-tensor reference path).
+4. Write-back, the only place parameters change:
+   ``p <- p * (1 - lr * wd * decay_scale) - lr * lr_scale * lr_scale_t * lr_mask * update``
+   in the compute dtype, then rounded to the parameter dtype (stochastic / Kahan for bf16).
+5. Store state back in its format (bf16 / 8-bit) and advance the step counters.
+
+No ``.item()``, ``bool(tensor)`` or Python branch on tensor values runs inside ``step()``: every
+per-step scalar is either a Python number derived from step counters and hyperparameters, or a
+tensor that stays on the device.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from .. import roles as roles_mod
+from ..args import check_hparams
+from .chain import Bucket, Chain, StateSpec
+from .precision import ROUNDINGS, check_param_dtype, kahan_write
+from .quant import StateStore, _seed
+
+log = logging.getLogger(__name__)
+
+ENGINE_OPTIONS = ("state_precision", "foreach", "bf16_rounding", "master_weights", "seed",
+                  "resume_hparams", "min_8bit_size", "quant_backend")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class HinaOptimizer(torch.optim.Optimizer):
+    """Base class of all hina_kohya optimizers. Subclasses implement ``build_chain(hp)``.
+
+    Engine options (every recipe accepts them):
+      state_precision: "fp32" | "bf16" | "8bit" (see core/quant.py).
+      foreach:         True (default) runs the list-wise fast path; False the single-tensor one.
+      bf16_rounding:   "stochastic" (default) | "kahan" | "nearest" for bf16 parameters.
+      master_weights:  keep an fp32 copy of bf16/fp16 params in state (required for fp16).
+      seed:            seed of stochastic rounding (deterministic per step and parameter).
+      resume_hparams:  "saved" (default): hyperparameters stored in a checkpoint win on load;
+                       "new": the values this optimizer was constructed with win. Logged.
+      min_8bit_size:   tensors with fewer elements keep fp32 state under "8bit" (default 4096).
+    """
+
+    #: hyperparameter validation rules specific to a recipe (name -> (predicate, allowed))
+    extra_rules: dict = {}
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any], *, state_precision: str = "fp32",
+                 foreach: Optional[bool] = None, bf16_rounding: str = "stochastic", master_weights: bool = False,
+                 seed: int = 0, resume_hparams: str = "saved", min_8bit_size: int = 4096,
+                 quant_backend: str = "auto") -> None:
+        owner = type(self).__name__
+        options = dict(state_precision=state_precision, bf16_rounding=bf16_rounding, seed=seed,
+                       resume_hparams=resume_hparams, min_8bit_size=min_8bit_size)
+        check_hparams(owner, {**defaults, **options}, self.extra_rules)
+        if bf16_rounding not in ROUNDINGS:  # pragma: no cover - covered by the rule above
+            raise ValueError(bf16_rounding)
+        self.foreach = True if foreach is None else bool(foreach)
+        self.bf16_rounding = bf16_rounding
+        self.master_weights = bool(master_weights)
+        self.resume_hparams = resume_hparams
+        self.store = StateStore(state_precision, min_8bit_size, seed, quant_backend)
+        self._chains: dict[int, Chain] = {}
+        self._structure: Optional[roles_mod.Structure] = None
+        self._flat_index: list[list[int]] = []
+        self._notes: set[str] = set()
+        self.last_load_report: Optional[dict] = None
+        super().__init__(params, defaults)
+
+    # -- construction ------------------------------------------------------------------------
+    @property
+    def state_precision(self) -> str:
+        return self.store.precision
+
+    def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError("optimizer params must be an ordered collection (list, tuple, dict_values), not a set")
+        for p in list(params):
+            if isinstance(p, tuple):  # (name, tensor) pairs, handled by torch
+                p = p[1]
+            self._check_param(p)
+        super().add_param_group(param_group)
+        hp = {k: v for k, v in self.param_groups[-1].items() if k in self.defaults}
+        check_hparams(type(self).__name__, hp, self.extra_rules)
+        self._invalidate()
+
+    def _check_param(self, p: Tensor) -> None:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{type(self).__name__} can only optimize Tensors, got {type(p).__name__}")
+        if p.is_sparse or p.layout != torch.strided:
+            raise TypeError(f"{type(self).__name__} does not support sparse parameters (layout {p.layout}); "
+                            "use dense parameters or torch.optim.SparseAdam")
+        if p.is_complex():
+            raise TypeError(f"{type(self).__name__} does not support complex parameters ({p.dtype}); "
+                            "optimize torch.view_as_real(p) instead")
+        check_param_dtype(p, self.master_weights)
+
+    def _invalidate(self) -> None:
+        self._chains.clear()
+        self._structure = None
+
+    # -- recipe hooks --------------------------------------------------------------------------
+    def build_chain(self, hp: dict) -> Chain:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def chain_for(self, group_index: int) -> Chain:
+        chain = self._chains.get(group_index)
+        if chain is None:
+            chain = self.build_chain(self.param_groups[group_index])
+            self._chains[group_index] = chain
+        return chain
+
+    # -- structure (names, roles, pairs) ---------------------------------------------------
+    @property
+    def structure(self) -> roles_mod.Structure:
+        if self._structure is None:
+            self._build_structure()
+        assert self._structure is not None
+        return self._structure
+
+    def _build_structure(self) -> None:
+        st, problems = roles_mod.structure_of(self.param_groups)
+        for problem in problems:
+            self.note_once(f"{problem}; name-aware features are off for that group")
+        self._structure = st
+        self._flat_index = []
+        offset = 0
+        for g in self.param_groups:
+            n = len(g["params"])
+            self._flat_index.append(list(range(offset, offset + n)))
+            offset += n
+
+    def note_once(self, message: str) -> None:
+        """Warn once per optimizer about a degraded mode (never per step)."""
+        if message not in self._notes:
+            self._notes.add(message)
+            warnings.warn(f"{type(self).__name__}: {message}", stacklevel=3)
+
+    # -- step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        structure = self.structure
+        for gi, group in enumerate(self.param_groups):
+            chain = self.chain_for(gi)
+            specs = chain.state_specs(group)
+            buckets: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, int]]] = {}
+            for p, idx in zip(group["params"], self._flat_index[gi]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise TypeError(f"{type(self).__name__} does not support sparse gradients")
+                buckets.setdefault((p.device, p.dtype), []).append((p, idx))
+            for (_, dtype), items in buckets.items():
+                self._run_bucket(group, chain, specs, items, _compute_dtype(dtype), structure)
+        return loss
+
+    def _init_state(self, p: Tensor, state: dict, specs: list[StateSpec], cdtype: torch.dtype) -> None:
+        if "step" not in state:
+            check_param_dtype(p, self.master_weights)
+            state["step"] = 0
+        for spec in specs:
+            if spec.key not in state:
+                self.store.create(state, spec, p, cdtype)
+        if p.dtype in (torch.bfloat16, torch.float16):
+            if self.master_weights and "master_param" not in state:
+                state["master_param"] = p.detach().float().clone()
+            elif (not self.master_weights and self.bf16_rounding == "kahan" and p.dtype == torch.bfloat16
+                  and "kahan_comp" not in state):
+                state["kahan_comp"] = torch.zeros_like(p)
+
+    def _run_bucket(self, group: dict, chain: Chain, specs: list[StateSpec], items: list[tuple[Tensor, int]],
+                    cdtype: torch.dtype, structure: roles_mod.Structure) -> None:
+        params = [p for p, _ in items]
+        indices = [i for _, i in items]
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
+            self._init_state(p, st, specs, cdtype)
+        steps = [st["step"] + 1 for st in states]
+        grads = [p.grad if p.grad.dtype == cdtype else p.grad.to(cdtype) for p in params]
+        views = {s.key: [self.store.read(st, s, cdtype) for st in states] for s in specs}
+        b = Bucket(group, params, grads, views, steps, [structure.roles[i] for i in indices], indices, cdtype)
+        if self.foreach:
+            for t in chain.transforms:
+                t.foreach(b)
+        else:
+            for t in chain.transforms:
+                for i in range(len(b)):
+                    t.single(b, i)
+        self._write_back(b, states)
+        for s in specs:
+            for st, value, t, idx in zip(states, views[s.key], steps, indices):
+                self.store.write(st, s, value, t, idx)
+        for st, t in zip(states, steps):
+            st["step"] = t
+
+    # -- write-back: the single place parameters change ------------------------------------
+    def _write_back(self, b: Bucket, states: list[dict]) -> None:
+        lr = b.hp["lr"]
+        wd = b.hp.get("weight_decay", 0.0)
+        targets = self._targets(b, states)
+        if wd != 0:
+            ds = b.decay_scale or [1.0] * len(b)
+            torch._foreach_mul_(targets, [1.0 - lr * wd * d for d in ds])
+        coeff = [-lr * s for s in b.lr_scale]
+        if self.foreach:
+            if b.has_ratio and b.lr_mask is None and b.lr_scale_t is None:
+                num, den, scale = b.ratio
+                torch._foreach_addcdiv_(targets, num, den, [c * s for c, s in zip(coeff, scale)])
+            else:
+                upd = b.update()
+                if b.lr_mask is not None:
+                    torch._foreach_mul_(upd, b.lr_mask)
+                if b.lr_scale_t is not None:
+                    torch._foreach_mul_(upd, b.lr_scale_t)
+                torch._foreach_mul_(upd, coeff)
+                torch._foreach_add_(targets, upd)
+        else:
+            for i, target in enumerate(targets):
+                u = b.update_one(i)
+                if b.lr_mask is not None:
+                    u = u * b.lr_mask[i]
+                if b.lr_scale_t is not None:
+                    u = u * b.lr_scale_t[i]
+                target.add_(u, alpha=coeff[i])
+        self._finish(b, states, targets)
+
+    def _targets(self, b: Bucket, states: list[dict]) -> list[Tensor]:
+        """Compute-dtype tensors to update: the params themselves, or fp32 working copies."""
+        out = []
+        for p, st in zip(b.params, states):
+            if p.dtype == b.compute_dtype:
+                out.append(p)
+            elif "master_param" in st:
+                out.append(st["master_param"])
+            elif "kahan_comp" in st:
+                out.append(p.float() + st["kahan_comp"].float())
+            else:
+                out.append(p.to(b.compute_dtype))
+        return out
+
+    def _finish(self, b: Bucket, states: list[dict], targets: list[Tensor]) -> None:
+        for p, st, x, t, idx in zip(b.params, states, targets, b.steps, b.indices):
+            if x is p:
+                continue
+            if "master_param" in st or self.bf16_rounding == "nearest" or p.dtype != torch.bfloat16:
+                p.copy_(x)
+            elif "kahan_comp" in st:
+                kahan_write(p, x, st["kahan_comp"])
+            else:
+                p.copy_(self.store.round_bf16(x, _seed(self.store.seed, t, idx, "param")))
+
+    # -- logging -----------------------------------------------------------------------------
+    def log_dict(self) -> dict[str, float]:
+        """Plain floats for TensorBoard / W&B, computed now (not every step)."""
+        out: dict[str, float] = {}
+        for gi, g in enumerate(self.param_groups):
+            out[f"hina/lr/group{gi}"] = float(g["lr"])
+        steps = [st["step"] for st in self.state.values() if "step" in st]
+        out["hina/step"] = float(max(steps)) if steps else 0.0
+        out["hina/state_bytes_per_element"] = self.state_bytes_per_element()
+        return out
+
+    def state_bytes_per_element(self) -> float:
+        """Bytes of optimizer state per element of the parameters that have state."""
+        total = elems = 0
+        for p, st in self.state.items():
+            total += StateStore.nbytes(st)
+            elems += p.numel()
+        return float(total) / elems if elems else 0.0
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        current_hp = [{k: g[k] for k in self.defaults if k in g} for g in self.param_groups]
+        aligned = self._align_by_names(state_dict)
+        raw_state = aligned["state"]
+        super().load_state_dict(aligned)
+        self._invalidate()
+        self._build_structure()
+        # torch casts every floating state to the param dtype; put back the saved values
+        # exactly, then bring each to this optimizer's storage format.
+        reshaped: list[str] = []
+        for gi, group in enumerate(self.param_groups):
+            specs = self.chain_for(gi).state_specs(group)
+            saved_ids = aligned["param_groups"][gi]["params"]
+            names = group.get("param_names") or [None] * len(group["params"])
+            for j, (p, sid) in enumerate(zip(group["params"], saved_ids)):
+                saved = raw_state.get(sid)
+                if not saved:
+                    continue
+                st = self.state[p]
+                for k, v in saved.items():
+                    st[k] = v.to(p.device) if isinstance(v, Tensor) else v
+                if not self._state_fits(p, st, specs):
+                    self.state.pop(p, None)
+                    reshaped.append(names[j] or f"group {gi} param {j}")
+                    continue
+                for spec in specs:
+                    self.store.normalize(st, spec, p, _compute_dtype(p.dtype))
+                if "master_param" in st:
+                    st["master_param"] = st["master_param"].to(p.device, torch.float32)
+                if "kahan_comp" in st:
+                    st["kahan_comp"] = st["kahan_comp"].to(p.device, p.dtype)
+        if reshaped:
+            if self.last_load_report is not None:
+                self.last_load_report["reshaped"] = reshaped
+            warnings.warn(f"{type(self).__name__}.load_state_dict: {len(reshaped)} parameter(s) changed shape since "
+                          f"the checkpoint; their state starts fresh{_few(reshaped)}.", stacklevel=2)
+        if self.resume_hparams == "new":
+            for g, hp in zip(self.param_groups, current_hp):
+                g.update(hp)
+            log.info("%s: resume_hparams='new': hyperparameters from the constructor override the checkpoint",
+                     type(self).__name__)
+        else:
+            log.info("%s: resume_hparams='saved': hyperparameters from the checkpoint are used",
+                     type(self).__name__)
+        self._invalidate()
+
+    def _state_fits(self, p: Tensor, st: dict, specs: list[StateSpec]) -> bool:
+        for spec in specs:
+            v = st.get(spec.key)
+            expected = tuple(spec.shape(p)) if spec.shape is not None else tuple(p.shape)
+            if isinstance(v, Tensor) and tuple(v.shape) != expected:
+                return False
+        return True
+
+    def _align_by_names(self, state_dict: dict) -> dict:
+        """Re-order saved state to the current parameters by name when names allow it."""
+        sd = {"state": dict(state_dict["state"]), "param_groups": copy.deepcopy(state_dict["param_groups"])}
+        saved_groups = sd["param_groups"]
+
+        def names_of(g: dict, n: int) -> Optional[list[str]]:
+            return roles_mod.group_names(g, n)[0]
+
+        saved_names = [names_of(g, len(g["params"])) for g in saved_groups]
+        cur_names = [names_of(g, len(g["params"])) for g in self.param_groups]
+        saved_sizes = [len(g["params"]) for g in saved_groups]
+        cur_sizes = [len(g["params"]) for g in self.param_groups]
+        have_names = all(n is not None for n in saved_names + cur_names)
+        if not have_names:
+            if saved_sizes != cur_sizes:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: the checkpoint has param groups of sizes {saved_sizes} "
+                    f"but this optimizer has {cur_sizes}, and parameter names were not recorded, so the state "
+                    "cannot be matched to parameters. Rebuild the network with the same settings as the saved "
+                    "run, or pass named parameters (param_names) so state can be remapped by name.")
+            self.last_load_report = {"remapped": False, "added": [], "removed": [], "reshaped": []}
+            return sd
+        if saved_names == cur_names:
+            self.last_load_report = {"remapped": False, "added": [], "removed": [], "reshaped": []}
+            return sd
+        by_name: dict[str, tuple[int, dict]] = {}
+        for g, names in zip(saved_groups, saved_names):
+            for sid, name in zip(g["params"], names or []):
+                by_name[name] = (sid, g)
+        new_state: dict[int, dict] = {}
+        new_groups = []
+        next_id = 0
+        added = []
+        for gi, (g, names) in enumerate(zip(self.param_groups, cur_names)):
+            base = {k: v for k, v in (saved_groups[gi] if gi < len(saved_groups) else g).items() if k != "params"}
+            ids = list(range(next_id, next_id + len(g["params"])))
+            next_id += len(ids)
+            for new_id, name in zip(ids, names or []):
+                hit = by_name.get(name)
+                if hit is None:
+                    added.append(name)
+                elif hit[0] in sd["state"]:
+                    new_state[new_id] = sd["state"][hit[0]]
+            base["params"] = ids
+            base["param_names"] = list(names or [])
+            if "named" in g:
+                base["named"] = list(g["named"])
+            new_groups.append(base)
+        cur_set = {n for names in cur_names for n in names or []}
+        removed = [n for n in by_name if n not in cur_set]
+        self.last_load_report = {"remapped": True, "added": added, "removed": removed, "reshaped": []}
+        warnings.warn(
+            f"{type(self).__name__}.load_state_dict: parameters differ from the checkpoint; state was matched by "
+            f"name. {len(added)} new parameter(s) start fresh{_few(added)}, {len(removed)} saved parameter(s) are "
+            f"gone{_few(removed)}.", stacklevel=3)
+        return {"state": new_state, "param_groups": new_groups}
+
+
+def _few(names: list[str], k: int = 3) -> str:
+    if not names:
+        return ""
+    more = f", ... (+{len(names) - k})" if len(names) > k else ""
+    return " (" + ", ".join(names[:k]) + more + ")"

@@ -1,0 +1,94 @@
+"""HinaAdamW (alias HinaAdamWOptimizer): AdamW plus name-aware techniques for LoRA / LoKr.
+
+Recipe: ``chain(ScaleByAdam)`` and the engine's decoupled weight decay. With every technique
+switched off it is exactly AdamW (tested against ``torch.optim.AdamW``).
+
+The constructor takes the full argument list of the original ``HinaAdamWOptimizer`` (names and
+defaults unchanged, so existing ``--optimizer_args`` keep working). The techniques (SPD, Cautious,
+orthogonal gradient, ADOPT, Grams, AGR, TAM, ALoRA/LoRA+, LoKr scaling, dynamic weight decay) are
+not in this release yet: asking for one raises NotImplementedError naming it, rather than being
+silently ignored. Switch them off (``use_spd=False`` ...) to train with the AdamW core.
+
+Arguments the original accepted for bitsandbytes and never used: ``optim_bits=8`` selects
+``state_precision="8bit"``; ``min_8bit_size`` sets the 8-bit size threshold; ``amsgrad``,
+``percentile_clipping``, ``block_wise``, ``is_paged`` and ``args`` have no effect and warn when set
+to anything but their default.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable, Optional
+
+from ..core.chain import Chain
+from ..core.optimizer import HinaOptimizer
+from ..transforms.moments import ScaleByAdam
+
+# flag -> feature name, in the order of ALGORITHMS.md §3.1
+HINA_TECHNIQUES = {
+    "use_spd": "SPD (selective projection decay)",
+    "use_cautious": "Cautious masking",
+    "use_orthogonal_grad": "orthogonal gradient",
+    "use_adopt_stability": "ADOPT-style second moment",
+    "use_grams": "Grams",
+    "use_agr": "AGR (adaptive gradient regularisation)",
+    "use_tam": "TAM (torque-aware momentum)",
+    "use_alora": "ALoRA / LoRA+ scaling",
+    "dynamic_weight_decay": "dynamic weight decay",
+}
+AVAILABLE_TECHNIQUES: frozenset[str] = frozenset()
+
+_LEGACY_IGNORED = {"amsgrad": False, "percentile_clipping": 100, "block_wise": True, "is_paged": False, "args": None}
+
+
+def refuse_unbuilt(owner: str, requested: dict[str, bool], names: dict[str, str], available: frozenset) -> None:
+    missing = [k for k, on in requested.items() if on and k not in available]
+    if missing:
+        listing = ", ".join(f"{k} ({names[k]})" for k in missing)
+        off = " ".join(f"{k}=False" for k in missing)
+        raise NotImplementedError(
+            f"{owner}: not available in this release of hina-kohya yet: {listing}. Switch them off to train with "
+            f"the AdamW core (--optimizer_args {off}).")
+
+
+def warn_legacy(owner: str, given: dict[str, Any]) -> None:
+    changed = [k for k, default in _LEGACY_IGNORED.items() if given.get(k, default) != default]
+    if changed:
+        warnings.warn(f"{owner}: {', '.join(changed)} have no effect (they were bitsandbytes options of the "
+                      "original class and are ignored).", stacklevel=3)
+
+
+class HinaAdamW(HinaOptimizer):
+    """AdamW with LoRA / LoKr-aware techniques. See the module docstring."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, optim_bits: int = 32, args: Any = None,
+                 min_8bit_size: int = 4096, percentile_clipping: int = 100, block_wise: bool = True,
+                 is_paged: bool = False, use_spd: bool = True, spd_lambda: float = 0.06, use_cautious: bool = True,
+                 use_orthogonal_grad: bool = False, use_adopt_stability: bool = True, use_grams: bool = True,
+                 use_agr: bool = True, use_tam: bool = True, tam_beta: float = 0.999, use_alora: bool = True,
+                 alora_ratio: float = 16.0, dynamic_weight_decay: bool = True, wd_transition_steps: int = 1000,
+                 wd_decay_factor: float = 0.7, wd_min_ratio: float = 0.1, state_precision: str = "fp32",
+                 foreach: Optional[bool] = None, bf16_rounding: str = "stochastic", master_weights: bool = False,
+                 seed: int = 0, resume_hparams: str = "saved") -> None:
+        owner = type(self).__name__
+        flags = dict(use_spd=use_spd, use_cautious=use_cautious, use_orthogonal_grad=use_orthogonal_grad,
+                     use_adopt_stability=use_adopt_stability, use_grams=use_grams, use_agr=use_agr, use_tam=use_tam,
+                     use_alora=use_alora, dynamic_weight_decay=dynamic_weight_decay)
+        refuse_unbuilt(owner, flags, HINA_TECHNIQUES, AVAILABLE_TECHNIQUES)
+        warn_legacy(owner, dict(amsgrad=amsgrad, percentile_clipping=percentile_clipping, block_wise=block_wise,
+                                is_paged=is_paged, args=args))
+        if optim_bits == 8 and state_precision == "fp32":
+            state_precision = "8bit"
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, spd_lambda=spd_lambda,
+                        tam_beta=tam_beta, alora_ratio=alora_ratio, wd_transition_steps=wd_transition_steps,
+                        wd_decay_factor=wd_decay_factor, wd_min_ratio=wd_min_ratio, optim_bits=optim_bits, **flags)
+        super().__init__(params, defaults, state_precision=state_precision, foreach=foreach,
+                         bf16_rounding=bf16_rounding, master_weights=master_weights, seed=seed,
+                         resume_hparams=resume_hparams, min_8bit_size=min_8bit_size)
+
+    def build_chain(self, hp: dict) -> Chain:
+        return Chain([ScaleByAdam()])
+
+
+HinaAdamWOptimizer = HinaAdamW
