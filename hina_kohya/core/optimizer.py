@@ -80,6 +80,9 @@ class HinaOptimizer(torch.optim.Optimizer):
         self._flat_index: list[list[int]] = []
         self._notes: set[str] = set()
         self.last_load_report: Optional[dict] = None
+        if isinstance(params, (set, frozenset)):
+            raise TypeError(f"{owner}: params must be an ordered collection (list, tuple, dict_values), not a set: "
+                            "a set's order changes between runs, and checkpoints map state by position")
         super().__init__(params, defaults)
 
     # -- construction ------------------------------------------------------------------------
@@ -371,16 +374,19 @@ class HinaOptimizer(torch.optim.Optimizer):
         if saved_names == cur_names:
             self.last_load_report = {"remapped": False, "added": [], "removed": [], "reshaped": []}
             return sd
-        by_name: dict[str, tuple[int, dict]] = {}
-        for g, names in zip(saved_groups, saved_names):
+        by_name: dict[str, tuple[int, int]] = {}  # name -> (saved flat id, saved group index)
+        for sgi, (g, names) in enumerate(zip(saved_groups, saved_names)):
             for sid, name in zip(g["params"], names or []):
-                by_name[name] = (sid, g)
+                by_name[name] = (sid, sgi)
         new_state: dict[int, dict] = {}
         new_groups = []
         next_id = 0
         added = []
         for gi, (g, names) in enumerate(zip(self.param_groups, cur_names)):
-            base = {k: v for k, v in (saved_groups[gi] if gi < len(saved_groups) else g).items() if k != "params"}
+            # hyperparameters follow the parameters: take the saved group holding most of this group's names
+            votes = [by_name[n][1] for n in names or [] if n in by_name]
+            source = saved_groups[max(set(votes), key=votes.count)] if votes else g
+            base = {k: v for k, v in source.items() if k != "params"}
             ids = list(range(next_id, next_id + len(g["params"])))
             next_id += len(ids)
             for new_id, name in zip(ids, names or []):

@@ -45,22 +45,19 @@ def dynamic_map(signed: bool) -> Tensor:
 
     Values are ``±10**-d * f``: for decade ``d = 6 .. 0`` the fraction ``f`` takes the midpoints of
     a uniform grid on ``[0.1, 1]`` whose number of intervals doubles with each decade towards 1
-    (``2**k`` for the signed map, ``2**(k+1)`` for the unsigned map, ``k = 0 .. 6``), plus 0 and 1
-    (and -1 for the signed map's remaining code). Small magnitudes get relative precision,
+    (``2**k`` for the signed map, mirrored to negative values, ``2**(k+1)`` for the unsigned map,
+    ``k = 0 .. 6``), plus 0 and 1: 256 values either way. Small magnitudes get relative precision,
     large ones get many levels. This equals bitsandbytes' ``create_dynamic_map`` (tested).
     """
-    values: list[float] = []
+    parts: list[Tensor] = []
     for k in range(7):
         intervals = 2 ** k if signed else 2 ** (k + 1)
         grid = torch.linspace(0.1, 1.0, intervals + 1, dtype=torch.float32)
         mids = ((grid[:-1] + grid[1:]) / 2.0) * (10.0 ** (k - 6))
-        values += mids.tolist()
-        if signed:
-            values += (-mids).tolist()
-    values += [0.0, 1.0]
-    while len(values) < 256:  # the signed map has room for -1 as well
-        values.append(-1.0)
-    table = torch.tensor(values, dtype=torch.float32)
+        parts += [mids, -mids] if signed else [mids]
+    parts.append(torch.tensor([0.0, 1.0]))
+    table = torch.cat(parts)
+    assert table.numel() == 256
     return torch.sort(table).values
 
 
@@ -122,17 +119,17 @@ class Quantizer:
         return "bitsandbytes" if ok else "torch"
 
     def _probe(self, device: torch.device) -> bool:
+        """Does bitsandbytes run on this device? Runs once per device type, inside the first
+        step, so it must not read values back (that would be a host sync): an unsupported device
+        raises at launch. The kernels' results are checked by the test suite instead."""
         try:
             x = torch.linspace(-1, 1, 2 * BLOCK, device=device)
             codes, absmax = self._encode_bnb(x, True)
-            y = self._decode_bnb(codes, absmax, True)
-            good = bool((y - x).abs().max() < 0.05)
+            self._decode_bnb(codes, absmax, True)
         except Exception as exc:  # unsupported device or broken build
-            self._warn_once(f"bitsandbytes cannot quantize on {device.type} ({exc})")
+            self._warn_once(f"bitsandbytes cannot quantize on {device.type} ({type(exc).__name__}: {exc})")
             return False
-        if not good:
-            self._warn_once(f"bitsandbytes blockwise quantization is wrong on {device.type}")
-        return good
+        return True
 
     def _warn_once(self, why: str) -> None:
         if not self._warned and self.requested != "torch":

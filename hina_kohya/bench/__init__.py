@@ -1,0 +1,1 @@
+"""Benchmarks (``hina-kohya bench``) and the helpers they share with the tests."""

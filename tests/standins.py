@@ -1,0 +1,101 @@
+"""Stand-in diffusion/text models whose module class names match what LyCORIS and sd-scripts
+target (Transformer2DModel, ResnetBlock2D, CLIPAttention, CLIPMLP), small enough for CPU tests."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+
+class Attention(nn.Module):
+    def __init__(self, d, c):
+        super().__init__()
+        self.to_q = nn.Linear(d, d, bias=False)
+        self.to_k = nn.Linear(c, d, bias=False)
+        self.to_v = nn.Linear(c, d, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(d, d)])
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.net = nn.ModuleList([nn.Linear(d, 4 * d), nn.Identity(), nn.Linear(4 * d, d)])
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, d, c):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d)
+        self.attn1 = Attention(d, d)
+        self.attn2 = Attention(d, c)
+        self.ff = FeedForward(d)
+
+
+class Transformer2DModel(nn.Module):
+    def __init__(self, d, c):
+        super().__init__()
+        self.norm = nn.GroupNorm(8, d)
+        self.proj_in = nn.Linear(d, d)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(d, c)])
+        self.proj_out = nn.Linear(d, d)
+
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(8, d)
+        self.conv1 = nn.Conv2d(d, d, 3, padding=1)
+        self.time_emb_proj = nn.Linear(32, d)
+        self.conv2 = nn.Conv2d(d, d, 3, padding=1)
+
+
+class StandInUNet(nn.Module):
+    def __init__(self, width=64, context=48):
+        super().__init__()
+        self.conv_in = nn.Conv2d(4, width, 3, padding=1)
+        block = nn.Module()
+        block.attentions = nn.ModuleList([Transformer2DModel(width, context)])
+        block.resnets = nn.ModuleList([ResnetBlock2D(width)])
+        self.down_blocks = nn.ModuleList([block])
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.self_attn = CLIPAttention(d)
+        self.mlp = CLIPMLP(d)
+
+
+class StandInTextEncoder(nn.Module):
+    def __init__(self, d=48, layers=1):
+        super().__init__()
+        self.text_model = nn.Module()
+        self.text_model.encoder = nn.Module()
+        self.text_model.encoder.layers = nn.ModuleList([CLIPEncoderLayer(d) for _ in range(layers)])
+
+
+def lycoris_network(algo_args: dict, dim: int = 4, alpha: float = 2.0, seed: int = 0):
+    """Build a real LyCORIS kohya network on the stand-ins; returns (network, te, unet)."""
+    from lycoris import kohya
+
+    logging.getLogger("lycoris").setLevel(logging.ERROR)
+    torch.manual_seed(seed)
+    te, unet = StandInTextEncoder(), StandInUNet()
+    net = kohya.create_network(1.0, dim, alpha, None, te, unet, **algo_args)
+    net.apply_to(te, unet, True, True)
+    return net, te, unet
