@@ -1,0 +1,168 @@
+"""``hina-kohya bench step``: step time, state memory and host syncs of each optimizer.
+
+Method (shared machines are noisy): every candidate and the reference
+``torch.optim.AdamW(foreach=True)`` are built over their own copy of the same parameters and
+gradients, then timed *interleaved* -- reference step, candidate step, alternating which goes first
+-- so slow periods hit both. The reported figure is the median of the per-round ratios
+candidate / reference, with the 10th-90th percentile range as the spread.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .paramsets import build
+from .syncs import count_host_syncs
+
+PLAIN = dict(use_spd=False, use_cautious=False, use_orthogonal_grad=False, use_adopt_stability=False,
+             use_grams=False, use_agr=False, use_tam=False, use_alora=False, dynamic_weight_decay=False)
+
+
+def _hina(precision: str) -> Callable:
+    def make(params, names):
+        from ..optim import HinaAdamW
+
+        return HinaAdamW([{"params": params, "param_names": names}], lr=1e-4, state_precision=precision, **PLAIN)
+    return make
+
+
+def _adamw(**kw) -> Callable:
+    return lambda params, names: torch.optim.AdamW(params, lr=1e-4, **kw)
+
+
+def _bnb_adamw8bit(params, names):
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(params, lr=1e-4)
+
+
+CANDIDATES: dict[str, tuple[str, Callable]] = {
+    "adamw_fused": ("torch.optim.AdamW(fused=True)", _adamw(fused=True)),
+    "bnb_adamw8bit": ("bitsandbytes AdamW8bit", _bnb_adamw8bit),
+    "hina_adamw_plain": ("HinaAdamW, techniques off, fp32 state", _hina("fp32")),
+    "hina_adamw_plain_bf16": ("HinaAdamW, techniques off, bf16 state", _hina("bf16")),
+    "hina_adamw_plain_8bit": ("HinaAdamW, techniques off, 8-bit state", _hina("8bit")),
+}
+DEFAULT_CANDIDATES = ("adamw_fused", "bnb_adamw8bit", "hina_adamw_plain", "hina_adamw_plain_bf16",
+                      "hina_adamw_plain_8bit")
+
+
+@dataclass
+class StepResult:
+    name: str
+    label: str
+    paramset: str
+    device: str
+    ratio_median: float
+    ratio_p10: float
+    ratio_p90: float
+    ms_median: float
+    ref_ms_median: float
+    state_bytes_per_element: float
+    host_syncs_per_step: float
+    rounds: int
+    error: str = ""
+
+
+def state_bytes_per_element(opt: torch.optim.Optimizer) -> float:
+    total = elems = 0
+    for p, st in opt.state.items():
+        total += sum(v.numel() * v.element_size() for v in st.values()
+                     if isinstance(v, torch.Tensor) and v.dim() > 0)  # 0-d step counters excluded
+        elems += p.numel()
+    return total / elems if elems else 0.0
+
+
+def _timed(opt: torch.optim.Optimizer, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def run_one(name: str, paramset: str, device: str = "cpu", rounds: int = 30, warmup: int = 3) -> StepResult:
+    label, make = CANDIDATES[name]
+    dev = torch.device(device)
+    ref_params, names = build(paramset, device)
+    cand_params, _ = build(paramset, device)
+    try:
+        ref = torch.optim.AdamW(ref_params, lr=1e-4, foreach=True)
+        cand = make(cand_params, names)
+        for _ in range(warmup):
+            ref.step()
+            cand.step()
+        with count_host_syncs() as syncs:
+            cand.step()
+        ratios, ms, ref_ms = [], [], []
+        for r in range(rounds):
+            if r % 2 == 0:
+                a = _timed(ref, dev)
+                b = _timed(cand, dev)
+            else:
+                b = _timed(cand, dev)
+                a = _timed(ref, dev)
+            ratios.append(b / a)
+            ms.append(b * 1e3)
+            ref_ms.append(a * 1e3)
+    except Exception as exc:  # an optional baseline that cannot run here is reported, not fatal
+        return StepResult(name, label, paramset, device, float("nan"), float("nan"), float("nan"), float("nan"),
+                          float("nan"), float("nan"), float("nan"), 0, f"{type(exc).__name__}: {exc}")
+    return StepResult(name, label, paramset, device, statistics.median(ratios), _percentile(ratios, 0.1),
+                      _percentile(ratios, 0.9), statistics.median(ms), statistics.median(ref_ms),
+                      state_bytes_per_element(cand), float(syncs.count), rounds)
+
+
+def describe_set(paramset: str) -> str:
+    params, _ = build(paramset)
+    return f"{paramset}: {len(params)} tensors, {sum(p.numel() for p in params) / 1e6:.2f} M elements"
+
+
+def markdown(results: list[StepResult]) -> str:
+    lines = ["| optimizer | set | step ratio vs AdamW foreach (median [p10, p90]) | ms/step | AdamW ms/step "
+             "| state B/elem | host syncs/step |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r.error:
+            lines.append(f"| {r.label} | {r.paramset} | not run: {r.error} | | | | |")
+            continue
+        lines.append(f"| {r.label} | {r.paramset} | {r.ratio_median:.3f} [{r.ratio_p10:.3f}, {r.ratio_p90:.3f}] | "
+                     f"{r.ms_median:.2f} | {r.ref_ms_median:.2f} | {r.state_bytes_per_element:.3f} | "
+                     f"{r.host_syncs_per_step:.0f} |")
+    return "\n".join(lines)
+
+
+def main(sets: list[str], names: list[str], device: str, rounds: int, json_path: Optional[str],
+         progress: bool = True) -> list[StepResult]:
+    results = []
+    for paramset in sets:
+        if progress:
+            print(describe_set(paramset), flush=True)
+        for name in names:
+            if name not in CANDIDATES:
+                raise SystemExit(f"unknown benchmark candidate {name!r}; choose from {', '.join(CANDIDATES)}")
+            res = run_one(name, paramset, device, rounds)
+            if progress:
+                status = res.error or f"ratio {res.ratio_median:.3f} [{res.ratio_p10:.3f}, {res.ratio_p90:.3f}]"
+                print(f"  {name:26s} {status}", flush=True)
+            results.append(res)
+    print()
+    print(markdown(results))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=2)
+    return results

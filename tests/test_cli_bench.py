@@ -1,0 +1,56 @@
+"""The hina-kohya command and the step benchmark (smoke: outputs exist and are sane)."""
+
+import json
+import math
+
+import pytest
+
+from hina_kohya.bench import paramsets, step
+from hina_kohya.cli import main
+
+
+def test_demo_says_honestly_it_is_not_available(capsys):
+    assert main(["demo"]) == 0
+    assert "not yet available" in capsys.readouterr().out
+
+
+def test_list_shows_registry(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "HinaAdamW" in out and "HinaAdamWOptimizer8bit" in out and "hina_kohya.HinaAdamW" in out
+
+
+def test_bench_step_quick_writes_finite_results(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    assert main(["bench", "step", "--quick", "--optimizer", "hina_adamw_plain", "--optimizer",
+                 "hina_adamw_plain_8bit", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["name"] for r in rows] == ["hina_adamw_plain", "hina_adamw_plain_8bit"]
+    for r in rows:
+        assert not r["error"] and math.isfinite(r["ratio_median"]) and r["ratio_median"] > 0
+        assert r["host_syncs_per_step"] == 0
+    assert rows[0]["state_bytes_per_element"] == 8.0
+    assert "| HinaAdamW, techniques off, fp32 state | tiny |" in capsys.readouterr().out
+
+
+def test_bench_8bit_state_bytes_on_a_real_sized_set():
+    res = step.run_one("hina_adamw_plain_8bit", "lokr", rounds=1, warmup=1)
+    assert not res.error
+    assert res.state_bytes_per_element < 8.0  # the large LoKr factors are quantized
+
+
+def test_bad_options_get_clear_errors(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "step", "--set", "sd99"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown benchmark candidate 'adam'"):
+        main(["bench", "step", "--quick", "--optimizer", "adam"])
+
+
+def test_sd15_set_matches_the_advertised_layout():
+    named = paramsets.shapes("sd15")
+    modules = {n.split(".")[0] for n, _ in named}
+    assert len(modules) == 242  # 192 attention/FF linears + 50 3x3 convs
+    ranks = {shape[0] for n, shape in named if "lora_down" in n}
+    assert ranks == {16, 8}
+    assert all(len(s) == 4 and s[2:] == (3, 3) for n, s in named if "conv" in n and "lora_down" in n)
