@@ -9,7 +9,9 @@ Factor letters follow LoRA+ (Hayou et al. 2024, arXiv 2402.12354): "B" is the ze
 factor of a product (it steps ``alora_ratio`` times its partner), "A" its randomly initialised
 partner. Which factor LyCORIS zero-initialises was checked against lycoris-lora 4.1.3 (tests
 build real networks and assert it): ``lora_up``, ``lokr_w2`` / ``lokr_w2_b``, ``hada_w2_a``,
-GLoRA ``a2`` / ``b2``, DyLoRA ``up_list.i`` / ``lora_B.i``.
+GLoRA ``a2`` / ``b2``, DyLoRA ``up_list.i`` / ``lora_B.i``. (With LyCORIS ``use_scalar=True`` the
+zero sits in ``scalar`` instead and ``lora_up`` starts random; ``lora_up`` stays B, because LoRA+'s
+ratio is about the output-side factor, its analysis being by layer widths.)
 
 ``adapter`` is True for adapter factors and deltas (their SPD anchor is 0, no copy is stored) and
 False for whole weights (LyCORIS ``algo=full``, plain fine-tuning, unknown names).

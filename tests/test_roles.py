@@ -18,6 +18,14 @@ ALGOS = {
     "full": dict(algo="full"),
     "lokr_norm_dora": dict(algo="lokr", factor="8", train_norm="True", dora_wd="True"),
     "lora_norm_dora": dict(algo="lora", train_norm="True", dora_wd="True"),
+    "loha_tucker": dict(algo="loha", use_tucker="True"),
+    "lokr_tucker": dict(algo="lokr", factor="8", use_tucker="True"),
+    "ia3": dict(algo="ia3"),
+    "dylora": dict(algo="dylora", block_size="2"),
+    "glora": dict(algo="glora"),
+    "diag_oft": dict(algo="diag-oft", rescaled="True"),
+    "tlora": dict(algo="tlora"),
+    "lora_scalar": dict(algo="lora", use_scalar="True"),
 }
 
 # leaf -> (kind, factor, adapter) the real networks must produce
@@ -30,6 +38,13 @@ EXPECTED_LEAF = {
     "lokr_w2": ("lokr_w2", "B", True), "lokr_w2_a": ("lokr_w2_a", "A", True), "lokr_w2_b": ("lokr_w2_b", "B", True),
     "weight": ("full_weight", "", False), "bias": ("full_bias", "", False),
     "dora_scale": ("dora_scale", "", True), "w_norm": ("norm_w", "", True), "b_norm": ("norm_b", "", True),
+    "hada_t1": ("hada_t", "", True), "hada_t2": ("hada_t", "", True), "lokr_t2": ("lokr_t", "", True),
+    "up_list": ("up_list", "B", True), "down_list": ("down_list", "A", True),
+    "a1.weight": ("glora_a1", "A", True), "a2.weight": ("glora_a2", "B", True),
+    "b1.weight": ("glora_b1", "A", True), "b2.weight": ("glora_b2", "B", True),
+    "oft_blocks": ("oft_blocks", "", True), "rescale": ("oft_rescale", "", True),
+    "q_layer.weight": ("tlora_q", "", True), "p_layer.weight": ("tlora_p", "", True),
+    "lambda_layer": ("tlora_lambda", "", True), "scalar": ("scalar", "", True),
 }
 
 
@@ -46,23 +61,36 @@ def test_every_lycoris_parameter_gets_the_expected_role(algo):
     for (name, p), role in zip(named, st.roles):
         module, leaf = name.split(".", 1)
         assert role.module == module, name
-        kind, factor, adapter = EXPECTED_LEAF[leaf]
+        kind, factor, adapter = EXPECTED_LEAF[leaf.split(".")[0] if "_list." in leaf else leaf]
         if leaf == "weight" and p.dim() <= 1:
-            kind = "ia3"
+            kind, adapter = "ia3", True
         assert (role.kind, role.factor, role.adapter) == (kind, factor, adapter), name
     assert not st.warnings
 
 
-@pytest.mark.parametrize("algo", list(ALGOS))
+@pytest.mark.parametrize("algo", [a for a in ALGOS if a != "lora_scalar"])
 def test_b_factors_are_exactly_the_zero_initialised_factors(algo):
     """DESIGN: B-like = zero-initialised, as LyCORIS initialises them (checked on the real init)."""
     net, _, _ = lycoris_network(ALGOS[algo])
     named = _named(net)
     st = build_structure([n for n, _ in named], [tuple(p.shape) for _, p in named])
     for (name, p), role in zip(named, st.roles):
-        if role.family in ("norm",):  # norm deltas start at 0 but are not factors of a product
+        if role.family in ("norm", "oft", "ia3", "scalar"):  # zero-initialised deltas, not factors of a product
             continue
         assert role.is_b == bool((p == 0).all()), name
+
+
+def test_use_scalar_keeps_lora_up_as_the_b_factor():
+    """With LyCORIS use_scalar the zero sits in `scalar` and lora_up is random; LoRA+'s ratio is
+    about the output-side factor (its analysis is by layer widths), so lora_up stays B."""
+    net, _, _ = lycoris_network(ALGOS["lora_scalar"])
+    named = _named(net)
+    st = build_structure([n for n, _ in named], [tuple(p.shape) for _, p in named])
+    for (name, p), role in zip(named, st.roles):
+        if role.kind == "scalar":
+            assert bool((p == 0).all()) and not role.is_b
+        if role.kind == "lora_up":
+            assert role.is_b and not bool((p == 0).all())
 
 
 @pytest.mark.parametrize("algo", list(ALGOS))
