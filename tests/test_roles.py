@@ -62,7 +62,7 @@ def test_every_lycoris_parameter_gets_the_expected_role(algo):
         module, leaf = name.split(".", 1)
         assert role.module == module, name
         kind, factor, adapter = EXPECTED_LEAF[leaf.split(".")[0] if "_list." in leaf else leaf]
-        if leaf == "weight" and p.dim() <= 1:
+        if leaf == "weight" and sum(d != 1 for d in p.shape) <= 1:  # IA3: (C,) or (1, C, 1, 1)
             kind, adapter = "ia3", True
         assert (role.kind, role.factor, role.adapter) == (kind, factor, adapter), name
     assert not st.warnings
