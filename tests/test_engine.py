@@ -120,14 +120,6 @@ def test_eight_bit_variant_defaults_to_8bit_state():
     assert hk.HinaAdamW8bit([p], state_precision="fp32", **TECHNIQUES_OFF).state_precision == "fp32"
 
 
-def test_techniques_not_built_yet_are_refused_by_name():
-    p = [torch.nn.Parameter(torch.zeros(2))]
-    with pytest.raises(NotImplementedError, match=r"use_tam \(TAM"):
-        hk.HinaAdamW(p, **{**TECHNIQUES_OFF, "use_tam": True})
-    with pytest.raises(NotImplementedError, match="use_spd=False"):
-        hk.HinaAdamW(p)  # the original's defaults switch techniques on
-
-
 def test_legacy_bitsandbytes_arguments():
     p = [torch.nn.Parameter(torch.zeros(2))]
     assert plain_hina(p, optim_bits=8).state_precision == "8bit"

@@ -34,15 +34,25 @@ class StateSpec:
     signed:      values can be negative (chooses the signed or unsigned 8-bit map).
     quantizable: may be stored in bf16 / 8-bit when ``state_precision`` asks for it. States whose
                  precision matters more than their size (anchors, small statistics) say False.
-    init:        ``"zeros"`` or ``"param"`` (a copy of the parameter's current value).
+    init:        ``"zeros"``, ``"ones"``, ``"param"`` (a copy of the parameter's current value) or a
+                 float (a constant fill).
     shape:       None for the parameter's shape, else a function ``param -> shape``.
+    applies:     None for every parameter, else ``role -> bool`` (e.g. an anchor only for full
+                 weights). Where it does not apply, the state view is None.
+    fixed_format: "fp32" or "fp16" to store this state so whatever ``state_precision`` says
+                 (fp16 for the lr mask: 2 bytes, 0.05 % relative resolution).
     """
 
     key: str
     signed: bool = True
     quantizable: bool = True
-    init: str = "zeros"
+    init: Any = "zeros"
     shape: Optional[Callable[[Tensor], Sequence[int]]] = None
+    applies: Optional[Callable[[Any], bool]] = None
+    fixed_format: Optional[str] = None
+
+    def applies_to(self, role: Any) -> bool:
+        return self.applies is None or bool(self.applies(role))
 
 
 class Bucket:
@@ -58,6 +68,10 @@ class Bucket:
       steps:    per-parameter step counters *after* the increment (first step is 1), Python ints.
       roles:    per-parameter ``roles.Role`` or None when names are unknown.
       indices:  flat positions of the params in the optimizer (stable ids for pairing and seeds).
+      opt:      the optimizer (read-only: its ``structure`` and ``param_groups``).
+      m_input:  optional replacement of ``grads`` as the input of the first moment (TAM damps
+                the gradient entering the momentum while the second moment keeps the raw one).
+      scratch:  per-step values a transform passes to its own ``after_update``.
 
     Written by transforms, consumed by the engine's write-back:
       update (via ``set_update`` / ``set_update_ratio`` / ``update()``),
@@ -77,6 +91,7 @@ class Bucket:
         roles: list[Any],
         indices: list[int],
         compute_dtype: torch.dtype,
+        opt: Any = None,
     ) -> None:
         self.hp = hp
         self.params = params
@@ -86,6 +101,9 @@ class Bucket:
         self.roles = roles
         self.indices = indices
         self.compute_dtype = compute_dtype
+        self.opt = opt
+        self.m_input: Optional[list[Tensor]] = None
+        self.scratch: dict[str, Any] = {}
         n = len(params)
         self.lr_scale: list[float] = [1.0] * n
         self.lr_scale_t: Optional[list[Tensor]] = None
@@ -158,6 +176,14 @@ class Transform:
         raise NotImplementedError
 
     def single(self, b: Bucket, i: int) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    #: True for transforms that act on the proposed parameters (SPD): the engine calls
+    #: ``after_update(b, targets)`` inside its write-back, after the update and weight decay and
+    #: before rounding to the parameter dtype. ``targets`` are compute-dtype tensors.
+    post_update: bool = False
+
+    def after_update(self, b: Bucket, targets: list[Tensor]) -> None:  # pragma: no cover - optional
         raise NotImplementedError
 
 

@@ -78,6 +78,8 @@ class HinaOptimizer(torch.optim.Optimizer):
         self._chains: dict[int, Chain] = {}
         self._structure: Optional[roles_mod.Structure] = None
         self._flat_index: list[list[int]] = []
+        self._flat_params: list[Tensor] = []
+        self._derived: dict[str, Any] = {}  # transform caches derived from the structure
         self._notes: set[str] = set()
         self.last_load_report: Optional[dict] = None
         if isinstance(params, (set, frozenset)):
@@ -101,6 +103,8 @@ class HinaOptimizer(torch.optim.Optimizer):
                 p = p[1]
             self._check_param(p)
         super().add_param_group(param_group)
+        # the group's initial rate, for rules that follow the scheduler (lr masks, LoRA+ checks)
+        self.param_groups[-1].setdefault("hina_lr0", self.param_groups[-1]["lr"])
         hp = {k: v for k, v in self.param_groups[-1].items() if k in self.defaults}
         check_hparams(type(self).__name__, hp, self.extra_rules)
         self._invalidate()
@@ -119,6 +123,7 @@ class HinaOptimizer(torch.optim.Optimizer):
     def _invalidate(self) -> None:
         self._chains.clear()
         self._structure = None
+        self._derived = {}
 
     # -- recipe hooks --------------------------------------------------------------------------
     def build_chain(self, hp: dict) -> Chain:  # pragma: no cover - abstract
@@ -144,6 +149,8 @@ class HinaOptimizer(torch.optim.Optimizer):
         for problem in problems:
             self.note_once(f"{problem}; name-aware features are off for that group")
         self._structure = st
+        self._derived = {}
+        self._flat_params = [p for g in self.param_groups for p in g["params"]]
         self._flat_index = []
         offset = 0
         for g in self.param_groups:
@@ -180,12 +187,12 @@ class HinaOptimizer(torch.optim.Optimizer):
                 self._run_bucket(group, chain, specs, items, _compute_dtype(dtype), structure)
         return loss
 
-    def _init_state(self, p: Tensor, state: dict, specs: list[StateSpec], cdtype: torch.dtype) -> None:
+    def _init_state(self, p: Tensor, state: dict, specs: list[StateSpec], cdtype: torch.dtype, role: Any) -> None:
         if "step" not in state:
             check_param_dtype(p, self.master_weights)
             state["step"] = 0
         for spec in specs:
-            if spec.key not in state:
+            if spec.key not in state and spec.applies_to(role):
                 self.store.create(state, spec, p, cdtype)
         if p.dtype in (torch.bfloat16, torch.float16):
             if self.master_weights and "master_param" not in state:
@@ -199,12 +206,13 @@ class HinaOptimizer(torch.optim.Optimizer):
         params = [p for p, _ in items]
         indices = [i for _, i in items]
         states = [self.state[p] for p in params]
-        for p, st in zip(params, states):
-            self._init_state(p, st, specs, cdtype)
+        roles = [structure.roles[i] for i in indices]
+        for p, st, role in zip(params, states, roles):
+            self._init_state(p, st, specs, cdtype, role)
         steps = [st["step"] + 1 for st in states]
         grads = [p.grad if p.grad.dtype == cdtype else p.grad.to(cdtype) for p in params]
-        views = {s.key: [self.store.read(st, s, cdtype) for st in states] for s in specs}
-        b = Bucket(group, params, grads, views, steps, [structure.roles[i] for i in indices], indices, cdtype)
+        views = {s.key: [self.store.read(st, s, cdtype) if s.key in st else None for st in states] for s in specs}
+        b = Bucket(group, params, grads, views, steps, roles, indices, cdtype, opt=self)
         if self.foreach:
             for t in chain.transforms:
                 t.foreach(b)
@@ -212,21 +220,23 @@ class HinaOptimizer(torch.optim.Optimizer):
             for t in chain.transforms:
                 for i in range(len(b)):
                     t.single(b, i)
-        self._write_back(b, states)
+        self._write_back(b, states, chain)
         for s in specs:
             for st, value, t, idx in zip(states, views[s.key], steps, indices):
-                self.store.write(st, s, value, t, idx)
+                if value is not None:
+                    self.store.write(st, s, value, t, idx)
         for st, t in zip(states, steps):
             st["step"] = t
 
     # -- write-back: the single place parameters change ------------------------------------
-    def _write_back(self, b: Bucket, states: list[dict]) -> None:
+    def _write_back(self, b: Bucket, states: list[dict], chain: Chain) -> None:
         lr = b.hp["lr"]
         wd = b.hp.get("weight_decay", 0.0)
         targets = self._targets(b, states)
         if wd != 0:
+            # decay follows the same per-tensor rate as the update (lr * lr_scale)
             ds = b.decay_scale or [1.0] * len(b)
-            torch._foreach_mul_(targets, [1.0 - lr * wd * d for d in ds])
+            torch._foreach_mul_(targets, [1.0 - lr * s * wd * d for s, d in zip(b.lr_scale, ds)])
         coeff = [-lr * s for s in b.lr_scale]
         if self.foreach:
             if b.has_ratio and b.lr_mask is None and b.lr_scale_t is None:
@@ -248,6 +258,9 @@ class HinaOptimizer(torch.optim.Optimizer):
                 if b.lr_scale_t is not None:
                     u = u * b.lr_scale_t[i]
                 target.add_(u, alpha=coeff[i])
+        for t in chain.transforms:
+            if t.post_update:
+                t.after_update(b, targets)
         self._finish(b, states, targets)
 
     def _targets(self, b: Bucket, states: list[dict]) -> list[Tensor]:

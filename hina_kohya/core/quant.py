@@ -209,8 +209,10 @@ class StateStore:
 
     # -- format --------------------------------------------------------------------------
     def format_of(self, spec: StateSpec, numel: int, compute_dtype: torch.dtype) -> str:
-        """"plain" (compute dtype), "bf16" or "8bit" for this state of a tensor of ``numel``."""
-        if not spec.quantizable or self.precision == "fp32" or compute_dtype == torch.float64:
+        """"plain" (compute dtype), "fp16", "bf16" or "8bit" for this state of a tensor of ``numel``."""
+        if spec.fixed_format == "fp16" and compute_dtype != torch.float64:
+            return "fp16"
+        if spec.fixed_format is not None or not spec.quantizable or self.precision == "fp32" or compute_dtype == torch.float64:
             return "plain"
         if self.precision == "bf16":
             return "bf16"
@@ -224,6 +226,10 @@ class StateStore:
         shape = self._shape(spec, p)
         if spec.init == "param":
             value = p.detach().to(compute_dtype, copy=True).reshape(shape)
+        elif spec.init == "ones":
+            value = torch.ones(shape, dtype=compute_dtype, device=p.device)
+        elif isinstance(spec.init, (int, float)) and not isinstance(spec.init, bool):
+            value = torch.full(shape, float(spec.init), dtype=compute_dtype, device=p.device)
         else:
             value = torch.zeros(shape, dtype=compute_dtype, device=p.device)
         self._put(state, spec, value, compute_dtype, step=0, index=0)
@@ -234,6 +240,8 @@ class StateStore:
         state.pop(spec.key + ABSMAX_SUFFIX, None)
         if fmt == "plain":
             state[spec.key] = value.to(compute_dtype)
+        elif fmt == "fp16":
+            state[spec.key] = value.to(torch.float16)
         elif fmt == "bf16":
             state[spec.key] = self.round_bf16(value.float(), _seed(self.seed, step, index, spec.key))
         else:
@@ -260,7 +268,7 @@ class StateStore:
         absmax = state.get(spec.key + ABSMAX_SUFFIX)
         if absmax is not None:
             self.quantizer.encode_into(value, spec.signed, stored, absmax)
-        elif stored.dtype == torch.bfloat16:
+        elif stored.dtype == torch.bfloat16 and value.dtype != torch.bfloat16:
             stored.copy_(self.round_bf16(value, _seed(self.seed, step, index, spec.key)))
         else:
             stored.copy_(value)
@@ -291,6 +299,8 @@ class StateStore:
         fmt = self.format_of(spec, stored.numel(), compute_dtype)
         if fmt == "plain":
             state[spec.key] = stored.to(compute_dtype)
+        elif fmt == "fp16":
+            state[spec.key] = stored.to(torch.float16)
         elif fmt == "bf16":
             state[spec.key] = stored if stored.dtype == torch.bfloat16 else stored.to(torch.bfloat16)
         else:

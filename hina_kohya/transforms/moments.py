@@ -9,6 +9,19 @@ HinaAdamW / AdaptiveHinaAdamW. For every tensor (any shape; state shapes equal t
 
 With decoupled weight decay in the engine's write-back this is AdamW (Loshchilov & Hutter 2019,
 arXiv 1711.05101), matching ``torch.optim.AdamW`` (tested to 1e-10 in float64).
+
+``ScaleByADOPT``: ADOPT (Taniguchi et al. 2024, arXiv 2411.02853), paper form. The gradient is
+normalised by the *previous* second moment before it enters the momentum, and clipped:
+
+    t = 1:  v = g**2, no update
+    t > 1:  n = clip(g / max(sqrt(v), eps), t**0.25);  m <- beta1 * m + (1 - beta1) * n;  u = m
+            v <- beta2 * v + (1 - beta2) * g**2
+
+No bias correction. (The original HinaAdamW's "ADOPT" normalised after the momentum with a delayed
+denominator; AdaptiveHinaAdamW's was a one-step AMSGrad -- ALGORITHMS.md §2.4, defects 4 and 27.)
+
+Both read the momentum input from ``bucket.m_input`` when a transform before them (TAM) set it,
+else from the gradient; the second moment always sees the raw gradient.
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ class ScaleByAdam(Transform):
     def foreach(self, b: Bucket) -> None:
         beta1, beta2 = b.hp["betas"]
         m, v, g = b.state["exp_avg"], b.state["exp_avg_sq"], b.grads
-        torch._foreach_lerp_(m, g, 1 - beta1)
+        torch._foreach_lerp_(m, b.m_input if b.m_input is not None else g, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, 1 - beta2)
         denom = torch._foreach_sqrt(v)
@@ -42,8 +55,59 @@ class ScaleByAdam(Transform):
         beta1, beta2 = b.hp["betas"]
         t, g = b.steps[i], b.grads[i]
         m, v = b.state["exp_avg"][i], b.state["exp_avg_sq"][i]
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        m_in = b.m_input[i] if b.m_input is not None else g
+        m.mul_(beta1).add_(m_in, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         m_hat = m / (1 - beta1 ** t)
         v_hat = v / (1 - beta2 ** t)
         b.set_update_one(i, m_hat / (v_hat.sqrt() + b.hp["eps"]))
+
+
+class ScaleByADOPT(Transform):
+    name = "adopt"
+
+    def state_specs(self, hp: dict) -> tuple[StateSpec, ...]:
+        return (StateSpec("exp_avg", signed=True), StateSpec("exp_avg_sq", signed=False))
+
+    def foreach(self, b: Bucket) -> None:
+        beta1, beta2 = b.hp["betas"]
+        eps = b.hp["eps"]
+        first = [i for i, t in enumerate(b.steps) if t == 1]
+        rest = [i for i, t in enumerate(b.steps) if t > 1]
+        update: list = [None] * len(b)
+        m_in_all = b.m_input if b.m_input is not None else b.grads
+        if first:
+            v1, g1 = [b.state["exp_avg_sq"][i] for i in first], [b.grads[i] for i in first]
+            torch._foreach_addcmul_(v1, g1, g1)  # v starts at 0: v = g**2
+            for i in first:
+                update[i] = torch.zeros_like(b.grads[i])
+        if rest:
+            m = [b.state["exp_avg"][i] for i in rest]
+            v = [b.state["exp_avg_sq"][i] for i in rest]
+            g = [b.grads[i] for i in rest]
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_clamp_min_(denom, eps)
+            n = torch._foreach_div([m_in_all[i] for i in rest], denom)
+            clip = [b.steps[i] ** 0.25 for i in rest]
+            torch._foreach_clamp_max_(n, clip)
+            torch._foreach_clamp_min_(n, [-c for c in clip])
+            torch._foreach_lerp_(m, n, 1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, g, g, 1 - beta2)
+            for i, u in zip(rest, torch._foreach_mul(m, 1.0)):
+                update[i] = u
+        b.set_update(update)
+
+    def single(self, b: Bucket, i: int) -> None:
+        beta1, beta2 = b.hp["betas"]
+        t, g = b.steps[i], b.grads[i]
+        m, v = b.state["exp_avg"][i], b.state["exp_avg_sq"][i]
+        if t == 1:
+            v.copy_(g * g)
+            b.set_update_one(i, torch.zeros_like(g))
+            return
+        m_in = b.m_input[i] if b.m_input is not None else g
+        n = (m_in / v.sqrt().clamp_min(b.hp["eps"])).clamp(-t ** 0.25, t ** 0.25)
+        m.mul_(beta1).add_(n, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        b.set_update_one(i, m.clone())

@@ -1,0 +1,107 @@
+"""Per-tensor learning-rate scales derived from parameter roles and statistics.
+
+``LoRAPlusRatio`` -- LoRA+ (Hayou et al. 2024, arXiv 2402.12354): every paired B factor (the
+zero-initialised one, see roles.py) steps ``alora_ratio`` times the rate of its A. Pairs are found
+across param groups by name. If sd-scripts' own ``loraplus_lr_ratio`` already put the B factors in
+a group with a higher learning rate, the ratio is not applied again (one message says so). The
+original applied the ratio only to *unpaired* B, and twice under sd-scripts LoRA+ (defect 1).
+
+``LoKrScale``: for a LoKr module with Kronecker factors w1 (w1_a @ w1_b when split) and w2
+(w2_a @ w2_b when split), every factor's rate is scaled by 1 / (1 + 0.3 * ||w1|| * ||w2||), which
+shrinks the step as the Kronecker product grows (the original's rule, with the factorised layouts
+LyCORIS produces actually paired, defect 12). Computed on the device, no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.chain import Bucket, Transform
+
+
+def _initial_lr(group: dict) -> float:
+    return float(group.get("initial_lr", group.get("hina_lr0", group["lr"])))
+
+
+def lora_plus_factors(opt, ratio_of_group) -> dict[int, float]:
+    """Flat index of each paired B -> the factor its rate is multiplied by."""
+    st = opt.structure
+    group_of = {}
+    for gi, idx in enumerate(opt._flat_index):
+        for i in idx:
+            group_of[i] = gi
+    out: dict[int, float] = {}
+    already = False
+    for a, b_idx in st.pairs:
+        ga, gb = group_of[a], group_of[b_idx]
+        lr_a, lr_b = _initial_lr(opt.param_groups[ga]), _initial_lr(opt.param_groups[gb])
+        if ga != gb and lr_b > lr_a * (1 + 1e-6):
+            already = True  # the trainer's LoRA+ split: B's group already runs faster
+            continue
+        out[b_idx] = ratio_of_group(gb)
+    if already:
+        opt.note_once("B factors already sit in faster param groups (sd-scripts loraplus_lr_ratio); alora_ratio "
+                      "is not applied on top of it")
+    return out
+
+
+class LoRAPlusRatio(Transform):
+    name = "lora_plus"
+
+    def foreach(self, b: Bucket) -> None:
+        opt = b.opt
+        cache = opt._derived.get("lora_plus")
+        if cache is None:
+            cache = lora_plus_factors(opt, lambda gi: float(opt.param_groups[gi]["alora_ratio"]))
+            opt._derived["lora_plus"] = cache
+        b.lr_scale = [s * cache.get(idx, 1.0) for s, idx in zip(b.lr_scale, b.indices)]
+
+    def single(self, b: Bucket, i: int) -> None:
+        if i == 0:
+            self.foreach(b)
+
+
+def _product(opt, indices: tuple[int, ...]) -> torch.Tensor:
+    """The Kronecker factor from its parameters: the tensor, or a @ b flattened for split layouts."""
+    ps = [opt._flat_params[i].detach().float() for i in indices]
+    if len(ps) == 1:
+        return ps[0]
+    a, c = ps[0], ps[1]
+    a2, c2 = a.reshape(a.shape[0], -1), c.reshape(c.shape[0], -1)
+    if a2.shape[1] == c2.shape[0]:
+        return a2 @ c2
+    return a2.T @ c2  # Tucker layouts store both factors rank-first
+
+
+class LoKrScale(Transform):
+    name = "lokr_scale"
+
+    def foreach(self, b: Bucket) -> None:
+        opt = b.opt
+        mods = opt._derived.get("lokr_modules")
+        if mods is None:
+            mods = {}
+            for w1, w2 in opt.structure.kron:
+                for i in w1 + w2:
+                    mods[i] = (w1, w2)
+            opt._derived["lokr_modules"] = mods
+        if not any(idx in mods for idx in b.indices):
+            return
+        cache: dict = {}
+        scales = []
+        for idx in b.indices:
+            mod = mods.get(idx)
+            if mod is None:
+                scales.append(None)
+                continue
+            if mod not in cache:
+                w1, w2 = (_product(opt, side) for side in mod)
+                cache[mod] = 1.0 / (1.0 + 0.3 * w1.norm() * w2.norm())
+            scales.append(cache[mod])
+        one = torch.ones((), device=b.params[0].device)
+        scales = [(s if s is not None else one).to(b.compute_dtype) for s in scales]
+        b.lr_scale_t = scales if b.lr_scale_t is None else torch._foreach_mul(b.lr_scale_t, scales)
+
+    def single(self, b: Bucket, i: int) -> None:
+        if i == 0:
+            self.foreach(b)
