@@ -5,13 +5,13 @@
 """
 
 from .args import OptimizerArgumentError, UnknownOptimizerArgument, parse_optimizer_args
-from .optim import HinaAdamW, HinaAdamW8bit, HinaAdamWOptimizer
+from .optim import AdaptiveHinaAdamW, AdaptiveHinaAdamW8bit, HinaAdamW, HinaAdamW8bit, HinaAdamWOptimizer
 from .registry import OptimizerSpec, create_optimizer, get_optimizer_class, get_spec, list_optimizers
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "HinaAdamW", "HinaAdamW8bit", "HinaAdamWOptimizer", "OptimizerArgumentError", "OptimizerSpec",
+    "AdaptiveHinaAdamW", "AdaptiveHinaAdamW8bit", "HinaAdamW", "HinaAdamW8bit", "HinaAdamWOptimizer", "OptimizerArgumentError", "OptimizerSpec",
     "UnknownOptimizerArgument", "create_optimizer", "get_optimizer_class", "get_spec", "list_optimizers",
     "parse_optimizer_args",
 ]

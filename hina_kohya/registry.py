@@ -81,6 +81,12 @@ def _register_builtins() -> None:
                            summary="AdamW with LoRA/LoKr-aware techniques"))
     register(OptimizerSpec("HinaAdamW8bit", optim.HinaAdamW8bit, aliases=("HinaAdamWOptimizer8bit",),
                            uses_names=True, summary="HinaAdamW with 8-bit state"))
+    register(OptimizerSpec("AdaptiveHinaAdamW", optim.AdaptiveHinaAdamW, aliases=("HinaAdaptiveAdamW",),
+                           uses_names=True, summary="HinaAdamW techniques + per-element lr masks + importance "
+                           "scaling; works without names"))
+    register(OptimizerSpec("AdaptiveHinaAdamW8bit", optim.AdaptiveHinaAdamW8bit,
+                           aliases=("HinaAdaptiveAdamW8bit",), uses_names=True,
+                           summary="AdaptiveHinaAdamW with 8-bit state"))
 
 
 _register_builtins()

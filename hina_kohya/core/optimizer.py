@@ -80,6 +80,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         self._flat_index: list[list[int]] = []
         self._flat_params: list[Tensor] = []
         self._derived: dict[str, Any] = {}  # transform caches derived from the structure
+        self.step_count = 0  # calls of step() in this process (per-step caches key on it)
         self._notes: set[str] = set()
         self.last_load_report: Optional[dict] = None
         if isinstance(params, (set, frozenset)):
@@ -172,6 +173,7 @@ class HinaOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         structure = self.structure
+        self.step_count += 1
         for gi, group in enumerate(self.param_groups):
             chain = self.chain_for(gi)
             specs = chain.state_specs(group)

@@ -27,8 +27,11 @@ to anything but their default.
 from __future__ import annotations
 
 import warnings
+
+import torch
 from typing import Any, Iterable, Optional
 
+from .. import diagnostics
 from ..core.chain import Chain, Transform
 from ..core.optimizer import HinaOptimizer
 from ..transforms.agr import AGR
@@ -89,6 +92,29 @@ class HinaAdamW(HinaOptimizer):
                          bf16_rounding=bf16_rounding, master_weights=master_weights, seed=seed,
                          resume_hparams=resume_hparams, min_8bit_size=min_8bit_size)
 
+    # -- diagnostics (ALGORITHMS.md §3.1 keys) ---------------------------------------------
+    def get_optimization_info(self) -> dict:
+        hp = self.defaults
+        info = {"optimizer_type": "HinaAdamWOptimizer",
+                "total_params": sum(len(g["params"]) for g in self.param_groups),
+                "features": {**hina_features(hp), "alora": hp["use_alora"],
+                             "dynamic_weight_decay": hp["dynamic_weight_decay"],
+                             "wd_transition_steps": hp["wd_transition_steps"],
+                             "wd_decay_factor": hp["wd_decay_factor"], "wd_min_ratio": hp["wd_min_ratio"]},
+                **diagnostics.role_counts(self), "state_precision": self.state_precision,
+                "training_stats": {"global_step": diagnostics.global_step(self)}}
+        note = diagnostics.names_note(self)
+        if note:
+            info["note"] = note
+        return info
+
+    def diagnose_lora_pairing(self) -> dict:
+        return diagnostics.lora_pairing(self)
+
+    def update_device(self, device) -> None:
+        """Move every state tensor to ``device`` (parameters are moved by their module)."""
+        move_state(self, device)
+
     def build_chain(self, hp: dict) -> Chain:
         return Chain(hina_gradient_and_moments(hp) + hina_update_shaping(hp) + hina_scaling(hp) + [
             t for on, t in ((hp["dynamic_weight_decay"], DynamicWeightDecay("adapters")),
@@ -117,3 +143,17 @@ def hina_scaling(hp: dict) -> list[Transform]:
 
 
 HinaAdamWOptimizer = HinaAdamW
+
+
+
+def hina_features(hp: dict) -> dict:
+    return {"spd": hp["use_spd"], "cautious": hp["use_cautious"], "orthogonal_grad": hp["use_orthogonal_grad"],
+            "adopt_stability": hp["use_adopt_stability"], "grams": hp["use_grams"], "agr": hp["use_agr"],
+            "tam": hp["use_tam"]}
+
+
+def move_state(opt, device) -> None:
+    for st in opt.state.values():
+        for k, v in list(st.items()):
+            if isinstance(v, torch.Tensor):
+                st[k] = v.to(device)

@@ -77,30 +77,28 @@ class LoKrScale(Transform):
     name = "lokr_scale"
 
     def foreach(self, b: Bucket) -> None:
-        opt = b.opt
-        mods = opt._derived.get("lokr_modules")
-        if mods is None:
-            mods = {}
-            for w1, w2 in opt.structure.kron:
-                for i in w1 + w2:
-                    mods[i] = (w1, w2)
-            opt._derived["lokr_modules"] = mods
-        if not any(idx in mods for idx in b.indices):
+        scales_by_param = self._scales(b.opt)
+        if not any(idx in scales_by_param for idx in b.indices):
             return
-        cache: dict = {}
-        scales = []
-        for idx in b.indices:
-            mod = mods.get(idx)
-            if mod is None:
-                scales.append(None)
-                continue
-            if mod not in cache:
-                w1, w2 = (_product(opt, side) for side in mod)
-                cache[mod] = 1.0 / (1.0 + 0.3 * w1.norm() * w2.norm())
-            scales.append(cache[mod])
-        one = torch.ones((), device=b.params[0].device)
-        scales = [(s if s is not None else one).to(b.compute_dtype) for s in scales]
+        one = torch.ones((), device=b.params[0].device, dtype=b.compute_dtype)
+        scales = [scales_by_param[idx].to(one.device, b.compute_dtype) if idx in scales_by_param else one
+                  for idx in b.indices]
         b.lr_scale_t = scales if b.lr_scale_t is None else torch._foreach_mul(b.lr_scale_t, scales)
+
+    @staticmethod
+    def _scales(opt) -> dict[int, torch.Tensor]:
+        """Scale of every LoKr parameter, computed once per optimizer step from the parameters as
+        they were before any group of this step was updated."""
+        cached = opt._derived.get("lokr_scales")
+        if cached is not None and cached[0] == opt.step_count:
+            return cached[1]
+        out: dict[int, torch.Tensor] = {}
+        for w1, w2 in opt.structure.kron:
+            scale = 1.0 / (1.0 + 0.3 * _product(opt, w1).norm() * _product(opt, w2).norm())
+            for i in w1 + w2:
+                out[i] = scale
+        opt._derived["lokr_scales"] = (opt.step_count, out)
+        return out
 
     def single(self, b: Bucket, i: int) -> None:
         if i == 0:
