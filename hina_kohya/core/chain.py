@@ -77,7 +77,8 @@ class Bucket:
       update (via ``set_update`` / ``set_update_ratio`` / ``update()``),
       lr_scale:   per-tensor Python floats multiplying the learning rate (default 1.0),
       lr_scale_t: optional per-tensor 0-d tensors (data-dependent scales, no host sync),
-      lr_mask:    optional per-element multipliers (same shapes as params),
+      lr_mask:    optional per-element multipliers (same shapes as params); they scale the update
+                  only, times ``lr_mask_scale`` (a Python float, e.g. the mask's storage unit),
       decay_scale: optional per-tensor multipliers of the decoupled weight decay.
     """
 
@@ -108,6 +109,7 @@ class Bucket:
         self.lr_scale: list[float] = [1.0] * n
         self.lr_scale_t: Optional[list[Tensor]] = None
         self.lr_mask: Optional[list[Tensor]] = None
+        self.lr_mask_scale: float = 1.0
         self.decay_scale: Optional[list[float]] = None
         self._update: Optional[list[Optional[Tensor]]] = None
         # Lazy form u_i = ratio_scale_i * num_i / den_i, kept so that a plain Adam step can be

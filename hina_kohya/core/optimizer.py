@@ -236,10 +236,17 @@ class HinaOptimizer(torch.optim.Optimizer):
         wd = b.hp.get("weight_decay", 0.0)
         targets = self._targets(b, states)
         if wd != 0:
-            # decay follows the same per-tensor rate as the update (lr * lr_scale)
+            # decay follows the per-tensor rate of the update (lr * lr_scale * lr_scale_t); the
+            # per-element lr mask shapes the update only
             ds = b.decay_scale or [1.0] * len(b)
-            torch._foreach_mul_(targets, [1.0 - lr * s * wd * d for s, d in zip(b.lr_scale, ds)])
-        coeff = [-lr * s for s in b.lr_scale]
+            rates = [lr * s * wd * d for s, d in zip(b.lr_scale, ds)]
+            if b.lr_scale_t is None:
+                torch._foreach_mul_(targets, [1.0 - r for r in rates])
+            else:
+                factors = torch._foreach_mul(b.lr_scale_t, [-r for r in rates])
+                torch._foreach_add_(factors, 1.0)
+                torch._foreach_mul_(targets, factors)
+        coeff = [-lr * s * b.lr_mask_scale for s in b.lr_scale]
         if self.foreach:
             if b.has_ratio and b.lr_mask is None and b.lr_scale_t is None:
                 num, den, scale = b.ratio

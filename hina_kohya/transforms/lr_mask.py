@@ -39,7 +39,8 @@ class LRMask(Transform):
         if 1 < t <= hp["warmup_steps"]:
             bump = hp["lr_bump"] / hp["max_lr"]
             agree = (mask > 0) == positive
-            mag = (mag + torch.where(agree, bump, -bump)).clamp_(hp["min_lr"] / hp["max_lr"], 1.0)
+            # where() on tensors: Python scalars would be materialised in the default dtype
+            mag = torch.where(agree, mag + bump, mag - bump).clamp_(hp["min_lr"] / hp["max_lr"], 1.0)
         if t <= hp["warmup_steps"]:
             mask.copy_(torch.where(positive, mag, -mag))
         return mag
@@ -57,6 +58,5 @@ class LRMask(Transform):
 
     def _apply(self, b: Bucket, mags: list[torch.Tensor]) -> None:
         # applied rate = L * lr / lr0 = |mask| * max_lr / lr0 * lr
-        factor = b.hp["max_lr"] / initial_lr(b.hp)
-        b.lr_scale = [s * factor for s in b.lr_scale]
+        b.lr_mask_scale *= b.hp["max_lr"] / initial_lr(b.hp)
         b.lr_mask = mags if b.lr_mask is None else torch._foreach_mul(b.lr_mask, mags)

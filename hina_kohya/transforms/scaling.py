@@ -63,7 +63,8 @@ class LoRAPlusRatio(Transform):
 
 def _product(opt, indices: tuple[int, ...]) -> torch.Tensor:
     """The Kronecker factor from its parameters: the tensor, or a @ b flattened for split layouts."""
-    ps = [opt._flat_params[i].detach().float() for i in indices]
+    ps = [opt._flat_params[i].detach() for i in indices]
+    ps = [p if p.dtype == torch.float64 else p.float() for p in ps]
     if len(ps) == 1:
         return ps[0]
     a, c = ps[0], ps[1]
