@@ -93,7 +93,7 @@ def lycoris_network(algo_args: dict, dim: int = 4, alpha: float = 2.0, seed: int
     """Build a real LyCORIS kohya network on the stand-ins; returns (network, te, unet)."""
     from lycoris import kohya
 
-    logging.getLogger("lycoris").setLevel(logging.ERROR)
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
     torch.manual_seed(seed)
     te, unet = StandInTextEncoder(), StandInUNet()
     net = kohya.create_network(1.0, dim, alpha, None, te, unet, **algo_args)

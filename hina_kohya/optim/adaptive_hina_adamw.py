@@ -99,7 +99,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             "lr_mask_config": {"enabled": hp["use_lr_mask"], **{k: hp[k] for k in ("lr_bump", "min_lr", "max_lr",
                                                                                    "warmup_steps")}},
             "memory_optimization": self.get_buffer_pool_stats() | {"max_buffers_per_shape": 0},
-            "state_precision": self.state_precision, "names_provided": self.structure.named,
+            "state_precision": self.state_precision, **diagnostics.role_counts(self),
         }
         note = diagnostics.names_note(self)
         if note:
