@@ -271,7 +271,6 @@ def test_importance_has_no_hidden_global_decay():  # defect 24
     m = TinyLoRANet(0)
     opt = AdaptiveHinaAdamW(m.groups(), relationship_discovery_interval=1, use_lr_mask=False)
     train(m, opt, 120)
-    from hina_kohya.transforms.adaptive import ImportanceScaling  # noqa: F401
 
     imps = torch.stack([opt.state[p]["importance"] for g in opt.param_groups for p in g["params"]])
     factors = (imps / imps.mean()).clamp(0.1, 3.0)
@@ -353,7 +352,8 @@ def test_resume_with_all_techniques_continues_exactly(cls, precision):
     for a, b in zip(params_of(full), params_of(part)):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     if cls is AdaptiveHinaAdamW:
-        p = part.layers[0].lora_down.weight
-        for key in ("lr_mask", "importance", "imp_norms", "relation_scale", "tam_s"):
-            torch.testing.assert_close(opt2.state[p][key], opt.state[p][key] if False else opt2.state[p][key])
-            assert key in sd["state"][0]
+        saved = sd["state"][0]  # lora_unet_layer_0.lora_down.weight
+        assert saved["step"] == 13
+        assert (saved["lr_mask"].float().abs() * kw["max_lr"] != 1e-2).any()  # the mask had moved
+        assert saved["importance"].item() != 1.0 and saved["imp_norms"].abs().sum() > 0  # scored 3 times
+        assert saved["relation_scale"].item() != 1.0 and saved["tam_s"].item() != 0.0
