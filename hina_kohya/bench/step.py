@@ -32,6 +32,15 @@ def _hina(precision: str) -> Callable:
     return make
 
 
+def _recipe(cls_name: str, precision: str, **kw) -> Callable:
+    def make(params, names):
+        from .. import optim
+
+        cls = getattr(optim, cls_name)
+        return cls([{"params": params, "param_names": names}], lr=1e-4, state_precision=precision, **kw)
+    return make
+
+
 def _adamw(**kw) -> Callable:
     return lambda params, names: torch.optim.AdamW(params, lr=1e-4, **kw)
 
@@ -48,9 +57,14 @@ CANDIDATES: dict[str, tuple[str, Callable]] = {
     "hina_adamw_plain": ("HinaAdamW, techniques off, fp32 state", _hina("fp32")),
     "hina_adamw_plain_bf16": ("HinaAdamW, techniques off, bf16 state", _hina("bf16")),
     "hina_adamw_plain_8bit": ("HinaAdamW, techniques off, 8-bit state", _hina("8bit")),
+    "hina_adamw": ("HinaAdamW, defaults, fp32 state", _recipe("HinaAdamW", "fp32")),
+    "hina_adamw_8bit": ("HinaAdamW, defaults, 8-bit state", _recipe("HinaAdamW", "8bit")),
+    "adaptive_hina_adamw": ("AdaptiveHinaAdamW, defaults, fp32 state", _recipe("AdaptiveHinaAdamW", "fp32")),
+    "adaptive_hina_adamw_8bit": ("AdaptiveHinaAdamW, defaults, 8-bit state",
+                                 _recipe("AdaptiveHinaAdamW", "8bit")),
 }
-DEFAULT_CANDIDATES = ("adamw_fused", "bnb_adamw8bit", "hina_adamw_plain", "hina_adamw_plain_bf16",
-                      "hina_adamw_plain_8bit")
+DEFAULT_CANDIDATES = ("adamw_fused", "bnb_adamw8bit", "hina_adamw_plain", "hina_adamw_plain_8bit", "hina_adamw",
+                      "hina_adamw_8bit", "adaptive_hina_adamw", "adaptive_hina_adamw_8bit")
 
 
 @dataclass

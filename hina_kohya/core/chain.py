@@ -76,7 +76,9 @@ class Bucket:
     Written by transforms, consumed by the engine's write-back:
       update (via ``set_update`` / ``set_update_ratio`` / ``update()``),
       lr_scale:   per-tensor Python floats multiplying the learning rate (default 1.0),
-      lr_scale_t: optional per-tensor 0-d tensors (data-dependent scales, no host sync),
+      lr_scale_t: optional per-tensor 0-d tensors (data-dependent rates, no host sync),
+      update_scale_t: optional per-tensor 0-d tensors scaling the update only, not the decay
+                  (e.g. Cautious' rescale of the kept elements),
       lr_mask:    optional per-element multipliers (same shapes as params); they scale the update
                   only, times ``lr_mask_scale`` (a Python float, e.g. the mask's storage unit),
       decay_scale: optional per-tensor multipliers of the decoupled weight decay.
@@ -108,6 +110,7 @@ class Bucket:
         n = len(params)
         self.lr_scale: list[float] = [1.0] * n
         self.lr_scale_t: Optional[list[Tensor]] = None
+        self.update_scale_t: Optional[list[Tensor]] = None
         self.lr_mask: Optional[list[Tensor]] = None
         self.lr_mask_scale: float = 1.0
         self.decay_scale: Optional[list[float]] = None
@@ -115,15 +118,18 @@ class Bucket:
         # Lazy form u_i = ratio_scale_i * num_i / den_i, kept so that a plain Adam step can be
         # written back with one fused addcdiv, as torch.optim.AdamW does.
         self._ratio: Optional[tuple[list[Tensor], list[Tensor], list[float]]] = None
+        self._borrowed = False
 
     def __len__(self) -> int:
         return len(self.params)
 
     # -- the update -----------------------------------------------------------------------
-    def set_update(self, tensors: list[Tensor]) -> None:
-        """Set the update to tensors the bucket now owns (they may be modified in place)."""
+    def set_update(self, tensors: list[Tensor], owned: bool = True) -> None:
+        """Set the update. ``owned=False`` lends tensors that must not be modified (e.g. a state
+        tensor): ``update()`` then copies them before anyone writes, ``update_view()`` does not."""
         self._update = list(tensors)
         self._ratio = None
+        self._borrowed = not owned
 
     def set_update_one(self, i: int, tensor: Tensor) -> None:
         """Single-tensor path: set the update of tensor ``i`` (owned)."""
@@ -156,7 +162,16 @@ class Bucket:
             self._ratio = None
         if self._update is None or any(u is None for u in self._update):
             raise RuntimeError("the recipe's chain produced no update; its first transform must set one")
+        if self._borrowed:
+            self._update = [u.clone() for u in self._update]  # type: ignore[union-attr]
+            self._borrowed = False
         return self._update  # type: ignore[return-value]
+
+    def update_view(self) -> list[Tensor]:
+        """The update for reading only (no copy of lent tensors)."""
+        if self._borrowed and self._update is not None:
+            return self._update  # type: ignore[return-value]
+        return self.update()
 
     def update_one(self, i: int) -> Tensor:
         upd = self.update() if self._ratio is not None else self._update

@@ -248,24 +248,31 @@ class HinaOptimizer(torch.optim.Optimizer):
                 torch._foreach_mul_(targets, factors)
         coeff = [-lr * s * b.lr_mask_scale for s in b.lr_scale]
         if self.foreach:
-            if b.has_ratio and b.lr_mask is None and b.lr_scale_t is None:
+            tensor_scales = [x for x in (b.lr_scale_t, b.update_scale_t) if x is not None]
+            if b.has_ratio and b.lr_mask is None and not tensor_scales:
                 num, den, scale = b.ratio
                 torch._foreach_addcdiv_(targets, num, den, [c * s for c, s in zip(coeff, scale)])
             else:
-                upd = b.update()
+                upd = b.update_view()
                 if b.lr_mask is not None:
-                    torch._foreach_mul_(upd, b.lr_mask)
-                if b.lr_scale_t is not None:
-                    torch._foreach_mul_(upd, b.lr_scale_t)
-                torch._foreach_mul_(upd, coeff)
-                torch._foreach_add_(targets, upd)
+                    upd = torch._foreach_mul(upd, b.lr_mask)
+                if tensor_scales:  # one fused pass per tensor: x += u * (scale_t * c)
+                    factors = torch._foreach_mul(tensor_scales[0], coeff)
+                    if len(tensor_scales) == 2:
+                        torch._foreach_mul_(factors, tensor_scales[1])
+                    for x, u, f in zip(targets, upd, factors):
+                        x.addcmul_(u, f)
+                else:
+                    for x, u, c in zip(targets, upd, coeff):
+                        x.add_(u, alpha=c)
         else:
             for i, target in enumerate(targets):
                 u = b.update_one(i)
                 if b.lr_mask is not None:
                     u = u * b.lr_mask[i]
-                if b.lr_scale_t is not None:
-                    u = u * b.lr_scale_t[i]
+                for scales in (b.lr_scale_t, b.update_scale_t):
+                    if scales is not None:
+                        u = u * scales[i]
                 target.add_(u, alpha=coeff[i])
         for t in chain.transforms:
             if t.post_update:

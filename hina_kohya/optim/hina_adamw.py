@@ -7,7 +7,8 @@ Recipe, in order (each a Transform in ``hina_kohya.transforms``; switches in bra
     [use_tam]             TorqueAwareMomentum  damp the momentum input by the turn of the gradient
     ScaleByADOPT if [use_adopt_stability] else ScaleByAdam
     [use_cautious]        Cautious             drop update elements that disagree with the gradient
-    [use_grams]           Grams                |update| * sign(gradient)
+    [use_grams]           Grams                |update| * sign(gradient); only when Cautious is off,
+                                               since after Cautious it is exactly the identity
     [use_alora]           LoRAPlusRatio, LoKrScale
     [dynamic_weight_decay] DynamicWeightDecay  (adapter factors; all params when names are absent)
     [use_spd]             SelectiveProjectionDecay
@@ -135,7 +136,10 @@ def hina_gradient_and_moments(hp: dict) -> list[Transform]:
 
 
 def hina_update_shaping(hp: dict) -> list[Transform]:
-    return [t for on, t in ((hp["use_cautious"], Cautious()), (hp["use_grams"], Grams())) if on]
+    """Cautious, else Grams: after Cautious, Grams is exactly the identity (see transforms/masks.py)."""
+    if hp["use_cautious"]:
+        return [Cautious()]
+    return [Grams()] if hp["use_grams"] else []
 
 
 def hina_scaling(hp: dict) -> list[Transform]:

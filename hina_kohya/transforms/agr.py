@@ -27,10 +27,9 @@ class AGR(Transform):
         g = b.grads
         total = torch._foreach_norm(g, 1)  # sum |g| per tensor
         torch._foreach_clamp_min_(total, _TINY)
-        shrink = torch._foreach_abs(g)
-        torch._foreach_div_(shrink, total)  # alpha
-        torch._foreach_mul_(shrink, g)  # g * alpha
-        b.grads = torch._foreach_sub(g, shrink)
+        alpha = torch._foreach_abs(g)
+        torch._foreach_div_(alpha, total)
+        b.grads = torch._foreach_addcmul(g, g, alpha, value=-1.0)  # g - g * alpha
 
     def single(self, b: Bucket, i: int) -> None:
         g = b.grads[i]

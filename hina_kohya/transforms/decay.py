@@ -101,5 +101,8 @@ class SelectiveProjectionDecay(Transform):
         denom = torch._foreach_clamp_min(new, _TINY)
         ratio = torch._foreach_div(grow, denom)
         coef = [torch.where(c < 0, lam * r, torch.zeros_like(r)) for c, r in zip(b.scratch["spd_c"], ratio)]
-        # out of place: for zero anchors `dev` is the target tensor itself
-        torch._foreach_sub_(targets, torch._foreach_mul(dev, coef))
+        for x, d, a, k in zip(targets, dev, b.state["spd_anchor"], coef):
+            if a is None:
+                x.mul_(1 - k)  # zero anchor: theta - k * theta
+            else:
+                x.sub_(d * k)

@@ -8,9 +8,11 @@ its sign disagrees with the current gradient, and rescale so the mean step size 
 ``Grams`` (Cao et al. 2024, "Gradient Descent with Adaptive Momentum Scaling", arXiv 2412.17107):
 take the update's magnitude and the gradient's sign:  u <- |u| * sign(g).
 
-Order matters: after Grams, sign(u) = sign(g) everywhere, so Cautious would be a no-op (the
-original HinaAdamW applied it there, defect 2). Recipes apply Cautious first: elements where
-the momentum direction disagrees with the gradient are dropped, the rest take the gradient's sign.
+The two are redundant when combined, in either order: after Grams, sign(u) = sign(g) everywhere,
+so a following Cautious is a no-op (the original HinaAdamW applied it there, defect 2); after
+Cautious, every kept element already has sign(u) = sign(g), so a following Grams is exactly the
+identity. Recipes therefore run Cautious when it is on and Grams only when Cautious is off; with
+both switched on (the originals' defaults) the result is Cautious, exactly.
 
 Shapes: any; per-tensor reductions only. State: none.
 """
@@ -26,16 +28,20 @@ class Cautious(Transform):
     name = "cautious"
 
     def foreach(self, b: Bucket) -> None:
-        u = b.update()
-        mask = torch._foreach_mul(u, b.grads)
-        mask = torch._foreach_sign(mask)
-        torch._foreach_clamp_min_(mask, 0.0)  # 1 where u*g > 0, else 0
-        kept = torch._foreach_norm(mask, 1)  # counts, as 0-d tensors
+        u = b.update_view()
+        kept, masked = [], []
+        for ui, gi in zip(u, b.grads):
+            mask = torch.mul(ui, gi).gt_(0)  # 1.0 where u * g > 0, else 0.0
+            kept.append(mask.sum())
+            masked.append(mask.mul_(ui))  # reuse the mask's buffer for the masked update
         torch._foreach_add_(kept, 1.0)
+        # the rescale numel / (kept + 1) is a per-tensor factor of the update: the write-back
+        # applies it in its single pass instead of a pass here
         scale = torch._foreach_reciprocal(kept)
         torch._foreach_mul_(scale, [float(x.numel()) for x in u])
-        torch._foreach_mul_(u, mask)
-        torch._foreach_mul_(u, scale)
+        scale = [s.to(b.compute_dtype) for s in scale]
+        b.update_scale_t = scale if b.update_scale_t is None else torch._foreach_mul(b.update_scale_t, scale)
+        b.set_update(masked)
         b.scratch["cautious_kept"] = kept  # count + 1 per tensor, for log_dict
 
     def single(self, b: Bucket, i: int) -> None:

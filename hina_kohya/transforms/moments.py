@@ -88,15 +88,15 @@ class ScaleByADOPT(Transform):
             denom = torch._foreach_sqrt(v)
             torch._foreach_clamp_min_(denom, eps)
             n = torch._foreach_div([m_in_all[i] for i in rest], denom)
-            clip = [b.steps[i] ** 0.25 for i in rest]
-            torch._foreach_clamp_max_(n, clip)
-            torch._foreach_clamp_min_(n, [-c for c in clip])
+            for ni, i in zip(n, rest):
+                c = b.steps[i] ** 0.25
+                ni.clamp_(-c, c)
             torch._foreach_lerp_(m, n, 1 - beta1)
             torch._foreach_mul_(v, beta2)
             torch._foreach_addcmul_(v, g, g, 1 - beta2)
-            for i, u in zip(rest, torch._foreach_mul(m, 1.0)):
-                update[i] = u
-        b.set_update(update)
+            for i, mi in zip(rest, m):
+                update[i] = mi
+        b.set_update(update, owned=False)  # the momentum itself, lent: copied only if modified
 
     def single(self, b: Bucket, i: int) -> None:
         beta1, beta2 = b.hp["betas"]
