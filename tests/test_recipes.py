@@ -357,3 +357,21 @@ def test_resume_with_all_techniques_continues_exactly(cls, precision):
         assert (saved["lr_mask"].float().abs() * kw["max_lr"] != 1e-2).any()  # the mask had moved
         assert saved["importance"].item() != 1.0 and saved["imp_norms"].abs().sum() > 0  # scored 3 times
         assert saved["relation_scale"].item() != 1.0 and saved["tam_s"].item() != 0.0
+
+
+def test_log_dict_reports_step_size_masks_decay_and_cautious():
+    m = TinyLoRANet(0)
+    opt = AdaptiveHinaAdamW(m.groups(), lr=1e-3, wd_transition_steps=2, warmup_steps=5)
+    train(m, opt, 4)
+    logs = opt.log_dict()
+    assert all(type(v) is float and math.isfinite(v) for v in logs.values())
+    assert 0 < logs["hina/cautious_kept/group0"] <= 1
+    assert logs["hina/wd_multiplier/group0"] < 1.0  # past the transition: the schedule acts
+    assert 1e-7 <= logs["hina/lr_mask/min"] <= logs["hina/lr_mask/mean"] <= logs["hina/lr_mask/max"] <= 1e-3 * (1 + 1e-6)
+    assert logs["hina/step_size/group0"] > 0
+    h = HinaAdamW(m.groups(), lr=1e-3, alora_ratio=4.0)
+    train(m, h, 2)
+    hl = h.log_dict()
+    # group 1 holds three B factors (x4) and the dora scale (x1): mean rate 3.25 x the group lr
+    assert hl["hina/step_size/group1"] == pytest.approx(3.25 * h.param_groups[1]["lr"])
+    assert hl["hina/step_size/group0"] == pytest.approx(h.param_groups[0]["lr"])

@@ -81,6 +81,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         self._flat_params: list[Tensor] = []
         self._derived: dict[str, Any] = {}  # transform caches derived from the structure
         self.step_count = 0  # calls of step() in this process (per-step caches key on it)
+        self._last: dict[int, dict] = {}  # per group: what the last step used, for log_dict()
         self._notes: set[str] = set()
         self.last_load_report: Optional[dict] = None
         if isinstance(params, (set, frozenset)):
@@ -185,8 +186,9 @@ class HinaOptimizer(torch.optim.Optimizer):
                 if g.is_sparse:
                     raise TypeError(f"{type(self).__name__} does not support sparse gradients")
                 buckets.setdefault((p.device, p.dtype), []).append((p, idx))
+            self._last[gi] = {}
             for (_, dtype), items in buckets.items():
-                self._run_bucket(group, chain, specs, items, _compute_dtype(dtype), structure)
+                self._run_bucket(group, chain, specs, items, _compute_dtype(dtype), structure, self._last[gi])
         return loss
 
     def _init_state(self, p: Tensor, state: dict, specs: list[StateSpec], cdtype: torch.dtype, role: Any) -> None:
@@ -204,7 +206,7 @@ class HinaOptimizer(torch.optim.Optimizer):
                 state["kahan_comp"] = torch.zeros_like(p)
 
     def _run_bucket(self, group: dict, chain: Chain, specs: list[StateSpec], items: list[tuple[Tensor, int]],
-                    cdtype: torch.dtype, structure: roles_mod.Structure) -> None:
+                    cdtype: torch.dtype, structure: roles_mod.Structure, record: dict) -> None:
         params = [p for p, _ in items]
         indices = [i for _, i in items]
         states = [self.state[p] for p in params]
@@ -223,6 +225,7 @@ class HinaOptimizer(torch.optim.Optimizer):
                 for i in range(len(b)):
                     t.single(b, i)
         self._write_back(b, states, chain)
+        self._record(b, record)
         for s in specs:
             for st, value, t, idx in zip(states, views[s.key], steps, indices):
                 if value is not None:
@@ -305,11 +308,50 @@ class HinaOptimizer(torch.optim.Optimizer):
                 p.copy_(self.store.round_bf16(x, _seed(self.store.seed, t, idx, "param")))
 
     # -- logging -----------------------------------------------------------------------------
+    @staticmethod
+    def _record(b: Bucket, record: dict) -> None:
+        """Keep what log_dict() reports, as Python numbers or device tensors (no sync here)."""
+        record.setdefault("elements", 0)
+        record["elements"] += sum(p.numel() for p in b.params)
+        record.setdefault("rates", []).extend(s * b.lr_mask_scale for s in b.lr_scale)
+        record.setdefault("decay", []).extend(b.decay_scale or [1.0] * len(b))
+        if b.lr_scale_t is not None:
+            record.setdefault("rate_t", []).extend(b.lr_scale_t)
+        kept = b.scratch.get("cautious_kept")
+        if kept is not None:
+            record.setdefault("kept", []).extend(kept)
+            record.setdefault("kept_n", 0)
+            record["kept_n"] += len(kept)
+
     def log_dict(self) -> dict[str, float]:
-        """Plain floats for TensorBoard / W&B, computed now (not every step)."""
+        """Plain floats for TensorBoard / W&B, computed now (not every step).
+
+        hina/lr/group{i}: the group's scheduled lr; hina/step_size/group{i}: the mean effective
+        per-tensor rate of the last step (lr x LoRA+/LoKr/importance scales; for lr masks, the
+        mask's mean rate); hina/wd_multiplier/group{i}: mean dynamic weight-decay multiplier;
+        hina/cautious_kept/group{i}: fraction of update elements Cautious kept; hina/lr_mask/*:
+        statistics of the per-element rates; hina/step, hina/state_bytes_per_element.
+        """
         out: dict[str, float] = {}
         for gi, g in enumerate(self.param_groups):
             out[f"hina/lr/group{gi}"] = float(g["lr"])
+            rec = self._last.get(gi)
+            if not rec or not rec.get("rates"):
+                continue
+            rates = rec["rates"]
+            if "rate_t" in rec and len(rec["rate_t"]) == len(rates):
+                rates = [r * float(t) for r, t in zip(rates, rec["rate_t"])]
+            out[f"hina/step_size/group{gi}"] = float(g["lr"]) * sum(rates) / len(rates)
+            out[f"hina/wd_multiplier/group{gi}"] = sum(rec["decay"]) / len(rec["decay"])
+            if rec.get("kept"):
+                kept = float(torch.stack([k.float() for k in rec["kept"]]).sum()) - rec["kept_n"]
+                out[f"hina/cautious_kept/group{gi}"] = kept / rec["elements"]
+        masks = [(st["lr_mask"], g) for g in self.param_groups for p in g["params"]
+                 for st in [self.state.get(p, {})] if "lr_mask" in st]
+        if masks:
+            flat = torch.cat([m.float().abs().reshape(-1) * g["max_lr"] for m, g in masks])
+            out.update({"hina/lr_mask/mean": float(flat.mean()), "hina/lr_mask/min": float(flat.min()),
+                        "hina/lr_mask/max": float(flat.max())})
         steps = [st["step"] for st in self.state.values() if "step" in st]
         out["hina/step"] = float(max(steps)) if steps else 0.0
         out["hina/state_bytes_per_element"] = self.state_bytes_per_element()
