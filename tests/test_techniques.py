@@ -31,12 +31,19 @@ def _grads(step, params):
         p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1 + 0.05 * torch.sign(p.detach())
 
 
+PATHS = {"foreach": dict(foreach=True, fused=False), "single": dict(foreach=False, fused=False),
+         "fused": dict(fused=True)}
+
+
 def _compare(cls, hp, named, foreach, steps=25, adaptive=False):
     mine, ref_params = _params(), _params()
     group = {"params": mine}
     if named:
         group["param_names"] = NAMES
-    opt = cls([group], foreach=foreach, **hp)
+    path = PATHS[foreach] if isinstance(foreach, str) else dict(foreach=foreach, fused=False)
+    opt = cls([group], **path, **hp)
+    if path.get("fused"):
+        assert opt.fused
     st = build_structure(NAMES, SHAPES) if named else None
     ref = ReferenceHina(ref_params, dict(hp), roles=st.roles if st else None, pairs=st.pairs if st else (),
                         kron=st.kron if st else (), adaptive=adaptive)
@@ -60,9 +67,9 @@ def test_hina_technique_alone_matches_reference(flag, named):
     _compare(HinaAdamW, {**BASE, **OFF, flag: True}, named, foreach=True)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", ["foreach", "single", "fused"])
 @pytest.mark.parametrize("named", [True, False])
-def test_hina_all_techniques_match_reference_on_both_paths(foreach, named):
+def test_hina_all_techniques_match_reference_on_every_path(foreach, named):
     _compare(HinaAdamW, {**BASE, **{f: True for f in FLAGS}}, named, foreach=foreach)
 
 
@@ -70,11 +77,13 @@ ADAPTIVE = dict(BASE, use_dynamic_adaptation=False, use_lr_mask=True, lr_bump=2e
                 warmup_steps=15)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", ["foreach", "single", "fused"])
 @pytest.mark.parametrize("named", [True, False])
 def test_adaptive_lr_mask_and_techniques_match_reference(foreach, named):
     hp = {k: v for k, v in {**ADAPTIVE, **{f: True for f in FLAGS}}.items() if k not in ("use_alora", "alora_ratio")}
     opt = _compare(AdaptiveHinaAdamW, hp, named, foreach=foreach, adaptive=True)
+    if foreach == "fused":
+        assert opt.fused  # no silent fallback
     # the mask really moved, stayed in bounds, and is frozen after warm-up
     rates = [opt.state[p]["lr_mask"].float().abs() * hp["max_lr"] for p in opt.param_groups[0]["params"]]
     allr = torch.cat([r.reshape(-1) for r in rates])

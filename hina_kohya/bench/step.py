@@ -62,9 +62,14 @@ CANDIDATES: dict[str, tuple[str, Callable]] = {
     "adaptive_hina_adamw": ("AdaptiveHinaAdamW, defaults, fp32 state", _recipe("AdaptiveHinaAdamW", "fp32")),
     "adaptive_hina_adamw_8bit": ("AdaptiveHinaAdamW, defaults, 8-bit state",
                                  _recipe("AdaptiveHinaAdamW", "8bit")),
+    "hina_adamw_eager": ("HinaAdamW, defaults, fp32 state, eager (fused=False)",
+                         _recipe("HinaAdamW", "fp32", fused=False)),
+    "adaptive_hina_adamw_eager": ("AdaptiveHinaAdamW, defaults, fp32 state, eager (fused=False)",
+                                  _recipe("AdaptiveHinaAdamW", "fp32", fused=False)),
 }
 DEFAULT_CANDIDATES = ("adamw_fused", "bnb_adamw8bit", "hina_adamw_plain", "hina_adamw_plain_8bit", "hina_adamw",
-                      "hina_adamw_8bit", "adaptive_hina_adamw", "adaptive_hina_adamw_8bit")
+                      "hina_adamw_8bit", "adaptive_hina_adamw", "adaptive_hina_adamw_8bit", "hina_adamw_eager",
+                      "adaptive_hina_adamw_eager")
 
 
 @dataclass

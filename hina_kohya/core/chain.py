@@ -8,8 +8,14 @@ or rescales, the *update*; only the engine (``core/optimizer.py``) writes parame
 
 Every Transform has two paths that must agree (tests check it):
 
-* ``foreach(bucket)``: list-wise ``torch._foreach_*`` ops over the whole Bucket (the fast path);
-* ``single(bucket, i)``: a readable single-tensor version for tensor ``i`` (the ground truth).
+* ``foreach(bucket)``: list-wise ``torch._foreach_*`` ops over the whole Bucket (the eager fast path);
+* ``math(slot)``: the readable single-tensor version (the ground truth). It uses tensor ops only --
+  the step counter and the hyperparameters arrive as 0-d tensors, branches are ``torch.where`` --
+  so the same function is also compiled into one fused kernel per tensor (``core/fused.py``).
+
+Transforms whose work is per tensor but not per element -- learning-rate scales from roles or
+statistics, weight-decay schedules -- implement ``prepare(bucket)`` instead; every path runs all
+``prepare`` hooks first, on the raw gradients.
 
 Shapes: ``bucket.params[i]``, ``bucket.grads[i]``, ``bucket.state[key][i]`` and the update of
 tensor ``i`` all have the shape of parameter ``i``, unless a StateSpec says otherwise (factored
@@ -180,8 +186,40 @@ class Bucket:
         return upd[i]  # type: ignore[return-value]
 
 
+class Slot:
+    """One tensor for the per-tensor math (the single-tensor path and the fused kernel).
+
+    p:        the parameter in the compute dtype (read-only for transforms); shape of the param.
+    g:        the gradient (a transform may replace it; never modify it in place).
+    m_in:     the momentum input when a transform set one (TAM), else None.
+    u:        the update, once a transform produced it.
+    st:       ``{key: state tensor or None}`` -- modify in place (``mul_``, ``copy_``).
+    t:        the step counter after the increment, a 0-d tensor.
+    hp:       ``{name: value}``: numbers as 0-d tensors of the compute dtype, other values as is.
+    role:     the parameter's roles.Role or None.
+    rate:     per-tensor rate factor (0-d): lr_scale * lr_scale_t, set by ``prepare`` hooks.
+    decay:    per-tensor weight-decay multiplier (0-d).
+    upd_scale: per-tensor factor of the update only (0-d).
+    mask, mask_scale: per-element rates (or None) and their unit factor (0-d).
+    scratch:  values a transform keeps for its own ``after_math`` or for log_dict().
+    """
+
+    def __init__(self, p, g, st, t, hp, role, rate, decay, mask_scale):
+        self.p, self.g, self.st, self.t, self.hp, self.role = p, g, st, t, hp, role
+        self.m_in = None
+        self.u = None
+        self.rate, self.decay, self.mask_scale = rate, decay, mask_scale
+        self.upd_scale = None
+        self.mask = None
+        self.scratch: dict[str, Any] = {}
+
+    @property
+    def momentum_input(self):
+        return self.g if self.m_in is None else self.m_in
+
+
 class Transform:
-    """Base class of one technique. Subclasses declare ``state_specs`` and implement both paths."""
+    """Base class of one technique. Subclasses declare ``state_specs`` and implement the paths."""
 
     #: short name used in logs and diagnostics
     name: str = "transform"
@@ -189,19 +227,44 @@ class Transform:
     def state_specs(self, hp: dict) -> tuple[StateSpec, ...]:
         return ()
 
-    def foreach(self, b: Bucket) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def prepare(self, b: Bucket) -> None:
+        """Bucket-level work run before any per-tensor math (rate scales, decay schedules)."""
 
-    def single(self, b: Bucket, i: int) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def foreach(self, b: Bucket) -> None:
+        """The list-wise path. Transforms with only ``prepare`` work leave it empty."""
+
+    def math(self, x: Slot) -> None:
+        """The per-tensor path: readable, tensor ops only (see the module docstring)."""
 
     #: True for transforms that act on the proposed parameters (SPD): the engine calls
-    #: ``after_update(b, targets)`` inside its write-back, after the update and weight decay and
-    #: before rounding to the parameter dtype. ``targets`` are compute-dtype tensors.
+    #: ``after_update(b, targets)`` / ``after_math(x, new)`` inside its write-back, after the
+    #: update and weight decay and before rounding. ``targets`` / ``new`` are compute-dtype.
     post_update: bool = False
 
     def after_update(self, b: Bucket, targets: list[Tensor]) -> None:  # pragma: no cover - optional
         raise NotImplementedError
+
+    def after_math(self, x: Slot, new: Tensor) -> Tensor:  # pragma: no cover - optional
+        raise NotImplementedError
+
+
+def tensor_step(transforms: list[Transform], x: Slot) -> Tensor:
+    """One tensor's whole step: the chain's math, then the write-back formula of the engine,
+    ``new = p * (1 - lr * rate * wd * decay) - lr * rate * upd_scale * mask_scale * mask * u``,
+    then post-update projections. Returns the new parameter value (compute dtype)."""
+    for t in transforms:
+        t.math(x)
+    if x.u is None:
+        raise RuntimeError("the recipe's chain produced no update; its first transform must set one")
+    lr_rate = x.hp["lr"] * x.rate
+    u = x.u if x.upd_scale is None else x.u * x.upd_scale
+    if x.mask is not None:
+        u = u * (x.mask * x.mask_scale)
+    new = x.p * (1 - lr_rate * x.hp["weight_decay"] * x.decay) - lr_rate * u
+    for t in transforms:
+        if t.post_update:
+            new = t.after_math(x, new)
+    return new
 
 
 @dataclass

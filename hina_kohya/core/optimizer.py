@@ -29,7 +29,8 @@ from torch import Tensor
 
 from .. import roles as roles_mod
 from ..args import check_hparams
-from .chain import Bucket, Chain, StateSpec
+from . import fused as fused_mod
+from .chain import Bucket, Chain, Slot, StateSpec, tensor_step
 from .precision import ROUNDINGS, check_param_dtype, kahan_write
 from .quant import StateStore, _seed
 
@@ -48,7 +49,11 @@ class HinaOptimizer(torch.optim.Optimizer):
 
     Engine options (every recipe accepts them):
       state_precision: "fp32" | "bf16" | "8bit" (see core/quant.py).
-      foreach:         True (default) runs the list-wise fast path; False the single-tensor one.
+      fused:           None (default: on unless HINA_KOHYA_FUSED=0) compiles each recipe's
+                       per-tensor math into one kernel per tensor (core/fused.py); falls back to
+                       the list-wise path, with one warning, where compilation is unavailable.
+      foreach:         for the unfused path: True (default) runs the list-wise path, False the
+                       readable single-tensor reference path.
       bf16_rounding:   "stochastic" (default) | "kahan" | "nearest" for bf16 parameters.
       master_weights:  keep an fp32 copy of bf16/fp16 params in state (required for fp16).
       seed:            seed of stochastic rounding (deterministic per step and parameter).
@@ -63,7 +68,7 @@ class HinaOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, state_precision: str = "fp32",
                  foreach: Optional[bool] = None, bf16_rounding: str = "stochastic", master_weights: bool = False,
                  seed: int = 0, resume_hparams: str = "saved", min_8bit_size: int = 4096,
-                 quant_backend: str = "auto") -> None:
+                 quant_backend: str = "auto", fused: Optional[bool] = None) -> None:
         owner = type(self).__name__
         options = dict(state_precision=state_precision, bf16_rounding=bf16_rounding, seed=seed,
                        resume_hparams=resume_hparams, min_8bit_size=min_8bit_size)
@@ -71,6 +76,9 @@ class HinaOptimizer(torch.optim.Optimizer):
         if bf16_rounding not in ROUNDINGS:  # pragma: no cover - covered by the rule above
             raise ValueError(bf16_rounding)
         self.foreach = True if foreach is None else bool(foreach)
+        # an explicit foreach=False asks for the reference path: it is not fused
+        self.fused = (fused_mod.fused_default() if foreach is None else False) if fused is None else bool(fused)
+        self._kernels: dict[int, Callable] = {}
         self.bf16_rounding = bf16_rounding
         self.master_weights = bool(master_weights)
         self.resume_hparams = resume_hparams
@@ -124,6 +132,8 @@ class HinaOptimizer(torch.optim.Optimizer):
 
     def _invalidate(self) -> None:
         self._chains.clear()
+        if hasattr(self, "_kernels"):
+            self._kernels.clear()
         self._structure = None
         self._derived = {}
 
@@ -188,7 +198,7 @@ class HinaOptimizer(torch.optim.Optimizer):
                 buckets.setdefault((p.device, p.dtype), []).append((p, idx))
             self._last[gi] = {}
             for (_, dtype), items in buckets.items():
-                self._run_bucket(group, chain, specs, items, _compute_dtype(dtype), structure, self._last[gi])
+                self._run_bucket(gi, group, chain, specs, items, _compute_dtype(dtype), structure, self._last[gi])
         return loss
 
     def _init_state(self, p: Tensor, state: dict, specs: list[StateSpec], cdtype: torch.dtype, role: Any) -> None:
@@ -205,8 +215,9 @@ class HinaOptimizer(torch.optim.Optimizer):
                   and "kahan_comp" not in state):
                 state["kahan_comp"] = torch.zeros_like(p)
 
-    def _run_bucket(self, group: dict, chain: Chain, specs: list[StateSpec], items: list[tuple[Tensor, int]],
-                    cdtype: torch.dtype, structure: roles_mod.Structure, record: dict) -> None:
+    def _run_bucket(self, gi: int, group: dict, chain: Chain, specs: list[StateSpec],
+                    items: list[tuple[Tensor, int]], cdtype: torch.dtype, structure: roles_mod.Structure,
+                    record: dict) -> None:
         params = [p for p, _ in items]
         indices = [i for _, i in items]
         states = [self.state[p] for p in params]
@@ -217,14 +228,16 @@ class HinaOptimizer(torch.optim.Optimizer):
         grads = [p.grad if p.grad.dtype == cdtype else p.grad.to(cdtype) for p in params]
         views = {s.key: [self.store.read(st, s, cdtype) if s.key in st else None for st in states] for s in specs}
         b = Bucket(group, params, grads, views, steps, roles, indices, cdtype, opt=self)
-        if self.foreach:
+        for t in chain.transforms:
+            t.prepare(b)
+        if self.fused and self._run_fused(gi, b, states, chain):
+            pass
+        elif self.foreach:
             for t in chain.transforms:
                 t.foreach(b)
+            self._write_back(b, states, chain)
         else:
-            for t in chain.transforms:
-                for i in range(len(b)):
-                    t.single(b, i)
-        self._write_back(b, states, chain)
+            self._run_per_tensor(b, states, chain.transforms, None)
         self._record(b, record)
         for s in specs:
             for st, value, t, idx in zip(states, views[s.key], steps, indices):
@@ -250,37 +263,81 @@ class HinaOptimizer(torch.optim.Optimizer):
                 torch._foreach_add_(factors, 1.0)
                 torch._foreach_mul_(targets, factors)
         coeff = [-lr * s * b.lr_mask_scale for s in b.lr_scale]
-        if self.foreach:
-            tensor_scales = [x for x in (b.lr_scale_t, b.update_scale_t) if x is not None]
-            if b.has_ratio and b.lr_mask is None and not tensor_scales:
-                num, den, scale = b.ratio
-                torch._foreach_addcdiv_(targets, num, den, [c * s for c, s in zip(coeff, scale)])
-            else:
-                upd = b.update_view()
-                if b.lr_mask is not None:
-                    upd = torch._foreach_mul(upd, b.lr_mask)
-                if tensor_scales:  # one fused pass per tensor: x += u * (scale_t * c)
-                    factors = torch._foreach_mul(tensor_scales[0], coeff)
-                    if len(tensor_scales) == 2:
-                        torch._foreach_mul_(factors, tensor_scales[1])
-                    for x, u, f in zip(targets, upd, factors):
-                        x.addcmul_(u, f)
-                else:
-                    for x, u, c in zip(targets, upd, coeff):
-                        x.add_(u, alpha=c)
+        tensor_scales = [x for x in (b.lr_scale_t, b.update_scale_t) if x is not None]
+        if b.has_ratio and b.lr_mask is None and not tensor_scales:
+            num, den, scale = b.ratio
+            torch._foreach_addcdiv_(targets, num, den, [c * s for c, s in zip(coeff, scale)])
         else:
-            for i, target in enumerate(targets):
-                u = b.update_one(i)
-                if b.lr_mask is not None:
-                    u = u * b.lr_mask[i]
-                for scales in (b.lr_scale_t, b.update_scale_t):
-                    if scales is not None:
-                        u = u * scales[i]
-                target.add_(u, alpha=coeff[i])
+            upd = b.update_view()
+            if b.lr_mask is not None:
+                upd = torch._foreach_mul(upd, b.lr_mask)
+            if tensor_scales:  # one fused pass per tensor: x += u * (scale_t * c)
+                factors = torch._foreach_mul(tensor_scales[0], coeff)
+                if len(tensor_scales) == 2:
+                    torch._foreach_mul_(factors, tensor_scales[1])
+                for x, u, f in zip(targets, upd, factors):
+                    x.addcmul_(u, f)
+            else:
+                for x, u, c in zip(targets, upd, coeff):
+                    x.add_(u, alpha=c)
         for t in chain.transforms:
             if t.post_update:
                 t.after_update(b, targets)
         self._finish(b, states, targets)
+
+    # -- the per-tensor paths: the reference (eager) and the fused kernel (compiled) -----------
+    def _run_per_tensor(self, b: Bucket, states: list[dict], transforms: list, fused: Optional[tuple]) -> None:
+        """The per-tensor paths: ``chain.tensor_step`` eagerly (the reference), or, with ``fused``
+        = (kernel, layout, keys), the same function compiled into one kernel per tensor."""
+        targets = self._targets(b, states)
+        device = b.params[0].device
+        kept = []
+        if fused is not None:
+            kernel, layout, keys = fused
+            hp_values = layout.values(b.hp)
+        else:
+            hp = fused_mod.hp_tensors(b.hp, device, b.compute_dtype)
+        for i in range(len(b)):
+            decay = b.decay_scale[i] if b.decay_scale is not None else 1.0
+            st = {k: v[i] for k, v in b.state.items()}
+            if fused is not None and targets[i].is_contiguous() and b.grads[i].is_contiguous():
+                n = targets[i].numel()
+                vec = torch.tensor([float(b.steps[i]), b.lr_scale[i], decay, b.lr_mask_scale, *hp_values],
+                                   dtype=b.compute_dtype, device=device)
+                rate_t = b.lr_scale_t[i].detach() if b.lr_scale_t is not None else None
+                kept.append(kernel(fused_mod.flat(targets[i]), fused_mod.flat(b.grads[i]),
+                                   tuple(fused_mod.flat(st[k], n) for k in keys), vec, rate_t))
+                continue
+            if fused is not None:  # a non-contiguous tensor: the eager per-tensor path
+                hp = fused_mod.hp_tensors(b.hp, device, b.compute_dtype)
+            as_t = lambda v: torch.tensor(float(v), dtype=b.compute_dtype, device=device)  # noqa: E731
+            rate = as_t(b.lr_scale[i]) if b.lr_scale_t is None else as_t(b.lr_scale[i]) * b.lr_scale_t[i]
+            x = Slot(targets[i], b.grads[i], st, as_t(b.steps[i]), hp, b.roles[i], rate, as_t(decay),
+                     as_t(b.lr_mask_scale))
+            targets[i].copy_(tensor_step(transforms, x))
+            kept.append(x.scratch.get("cautious_kept"))
+        if any(getattr(t, "name", "") == "cautious" for t in transforms):
+            b.scratch["cautious_kept"] = kept
+        self._finish(b, states, targets)
+
+    def _run_fused(self, gi: int, b: Bucket, states: list[dict], chain: Chain) -> bool:
+        """Run the bucket through the compiled per-tensor kernel; False if compilation failed."""
+        fused = self._kernels.get(gi)
+        if fused is None:
+            layout, keys = fused_mod.Layout(b.hp), tuple(b.state)
+            fused = (fused_mod.make_kernel(chain, layout, keys), layout, keys)
+            self._kernels[gi] = fused
+        try:
+            self._run_per_tensor(b, states, chain.transforms, fused)
+        except Exception as exc:  # no compiler, unsupported platform: keep training, eagerly
+            if getattr(self, "_fused_checked", False):
+                raise
+            self.fused = False
+            self.note_once(f"fused kernels are unavailable ({type(exc).__name__}: {str(exc)[:200]}); using the "
+                           "list-wise eager path (slower; see docs/BENCHMARKS.md)")
+            return False
+        self._fused_checked = True
+        return True
 
     def _targets(self, b: Bucket, states: list[dict]) -> list[Tensor]:
         """Compute-dtype tensors to update: the params themselves, or fp32 working copies."""

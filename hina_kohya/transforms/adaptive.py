@@ -120,7 +120,7 @@ class ImportanceScaling(Transform):
             prod = _product_norm(b.opt._flat_params[a_idx], b.opt._flat_params[b_idx])
             b.state["relation_scale"][i].copy_((1 + 0.2 * compat) / (1 + 0.1 * prod))
 
-    def foreach(self, b: Bucket) -> None:
+    def prepare(self, b: Bucket) -> None:
         rels = relationships(b.opt)
         interval = b.hp["relationship_discovery_interval"]
         for i, t in enumerate(b.steps):
@@ -131,7 +131,3 @@ class ImportanceScaling(Transform):
         factor = factor * torch.stack(b.state["relation_scale"])
         scales = list(factor.to(b.compute_dtype).unbind(0))
         b.lr_scale_t = scales if b.lr_scale_t is None else torch._foreach_mul(b.lr_scale_t, scales)
-
-    def single(self, b: Bucket, i: int) -> None:
-        if i == 0:
-            self.foreach(b)  # the factor normalises across the bucket: one computation for all

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.chain import Bucket, Transform
+from ..core.chain import Bucket, Slot, Transform
 
 _TINY = 1e-30
 
@@ -31,7 +31,6 @@ class AGR(Transform):
         torch._foreach_div_(alpha, total)
         b.grads = torch._foreach_addcmul(g, g, alpha, value=-1.0)  # g - g * alpha
 
-    def single(self, b: Bucket, i: int) -> None:
-        g = b.grads[i]
-        alpha = g.abs() / g.abs().sum().clamp_min(_TINY)
-        b.grads[i] = g * (1 - alpha)
+    def math(self, x: Slot) -> None:
+        alpha = x.g.abs() / x.g.abs().sum().clamp_min(_TINY)
+        x.g = x.g * (1 - alpha)

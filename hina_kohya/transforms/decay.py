@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.chain import Bucket, StateSpec, Transform
+from ..core.chain import Bucket, Slot, StateSpec, Transform
 from .projection import compute_params
 
 _TINY = 1e-30
@@ -51,7 +51,7 @@ class DynamicWeightDecay(Transform):
     def _applies(self, role) -> bool:
         return self.scope == "all" or role is None or role.adapter
 
-    def foreach(self, b: Bucket) -> None:
+    def prepare(self, b: Bucket) -> None:
         hp = b.hp
         scale = b.decay_scale or [1.0] * len(b)
         b.decay_scale = [
@@ -59,9 +59,6 @@ class DynamicWeightDecay(Transform):
                  if self._applies(r) else 1.0)
             for s, t, r in zip(scale, b.steps, b.roles)]
 
-    def single(self, b: Bucket, i: int) -> None:
-        if i == 0:
-            self.foreach(b)  # a Python-number schedule: one computation serves every tensor
 
 
 def _needs_anchor(role) -> bool:
@@ -84,13 +81,19 @@ class SelectiveProjectionDecay(Transform):
         b.scratch["spd_c"] = [-torch.dot(g.reshape(-1), d.reshape(-1)) for g, d in zip(b.grads, dev)]
         b.scratch["spd_prev"] = torch._foreach_norm(dev)
 
-    def single(self, b: Bucket, i: int) -> None:
-        if i == 0:
-            b.scratch["spd_c"], b.scratch["spd_prev"] = [None] * len(b), [None] * len(b)
-        a = b.state["spd_anchor"][i]
-        dev = compute_params(b)[i] - (a if a is not None else 0)
-        b.scratch["spd_c"][i] = -(b.grads[i] * dev).sum()
-        b.scratch["spd_prev"][i] = dev.norm()
+    def math(self, x: Slot) -> None:
+        a = x.st["spd_anchor"]
+        dev = x.p if a is None else x.p - a
+        x.scratch["spd_c"] = -(x.g * dev).sum()
+        x.scratch["spd_prev"] = dev.norm()
+
+    def after_math(self, x: Slot, new: torch.Tensor) -> torch.Tensor:
+        a = x.st["spd_anchor"]
+        dev = new if a is None else new - a
+        gamma = dev.norm()
+        ratio = (gamma - x.scratch["spd_prev"]).clamp_min(0.0) / gamma.clamp_min(_TINY)
+        coef = torch.where(x.scratch["spd_c"] < 0, x.hp["spd_lambda"] * ratio, torch.zeros_like(ratio))
+        return new - coef * dev
 
     def after_update(self, b: Bucket, targets: list[torch.Tensor]) -> None:
         lam = b.hp["spd_lambda"]

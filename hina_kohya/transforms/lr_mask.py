@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import torch
 
-from ..core.chain import Bucket, StateSpec, Transform
+from ..core.chain import Bucket, Slot, StateSpec, Transform
 
 
 def initial_lr(hp: dict) -> float:
     return float(hp.get("initial_lr", hp.get("hina_lr0", hp["lr"])))
+
+
+def initial_lr_t(hp: dict):
+    """The same inside the per-tensor math, where numbers arrive as 0-d tensors."""
+    return hp["initial_lr"] if "initial_lr" in hp else hp["hina_lr0"] if "hina_lr0" in hp else hp["lr"]
 
 
 class LRMask(Transform):
@@ -29,6 +34,23 @@ class LRMask(Transform):
     def state_specs(self, hp: dict) -> tuple[StateSpec, ...]:
         start = min(max(initial_lr(hp), hp["min_lr"]), hp["max_lr"]) / hp["max_lr"]
         return (StateSpec("lr_mask", init=start, fixed_format="fp16"),)
+
+    def math(self, x: Slot) -> None:
+        hp, t = x.hp, x.t
+        mask, positive = x.st["lr_mask"], x.g > 0
+        mag = mask.abs()
+        bump = hp["lr_bump"] / hp["max_lr"]
+        moved = torch.where((mask > 0) == positive, mag + bump, mag - bump)
+        moved = moved.clamp_min(hp["min_lr"] / hp["max_lr"]).clamp_max(1.0)
+        mag = torch.where((t > 1) & (t <= hp["warmup_steps"]), moved, mag)  # adapt during warm-up
+        mask.copy_(torch.where(t <= hp["warmup_steps"], torch.where(positive, mag, -mag), mask))
+        x.mask = mag
+        x.mask_scale = x.mask_scale * hp["max_lr"] / initial_lr_t(hp)
+
+    def foreach(self, b: Bucket) -> None:
+        mags = [self._adapt(b, i) for i in range(len(b))]
+        b.lr_mask_scale *= b.hp["max_lr"] / initial_lr(b.hp)
+        b.lr_mask = mags if b.lr_mask is None else torch._foreach_mul(b.lr_mask, mags)
 
     def _adapt(self, b: Bucket, i: int) -> torch.Tensor:
         """Move element rates by the sign agreement; returns |mask| (= L / max_lr)."""
@@ -44,19 +66,3 @@ class LRMask(Transform):
         if t <= hp["warmup_steps"]:
             mask.copy_(torch.where(positive, mag, -mag))
         return mag
-
-    def foreach(self, b: Bucket) -> None:
-        mags = [self._adapt(b, i) for i in range(len(b))]
-        self._apply(b, mags)
-
-    def single(self, b: Bucket, i: int) -> None:
-        if i == 0:
-            b.scratch["lr_mask_mags"] = [None] * len(b)
-        b.scratch["lr_mask_mags"][i] = self._adapt(b, i)
-        if i == len(b) - 1:
-            self._apply(b, b.scratch.pop("lr_mask_mags"))
-
-    def _apply(self, b: Bucket, mags: list[torch.Tensor]) -> None:
-        # applied rate = L * lr / lr0 = |mask| * max_lr / lr0 * lr
-        b.lr_mask_scale *= b.hp["max_lr"] / initial_lr(b.hp)
-        b.lr_mask = mags if b.lr_mask is None else torch._foreach_mul(b.lr_mask, mags)

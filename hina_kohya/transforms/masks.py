@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.chain import Bucket, Transform
+from ..core.chain import Bucket, Slot, Transform
 
 
 class Cautious(Transform):
@@ -44,10 +44,13 @@ class Cautious(Transform):
         b.set_update(masked)
         b.scratch["cautious_kept"] = kept  # count + 1 per tensor, for log_dict
 
-    def single(self, b: Bucket, i: int) -> None:
-        u = b.update_one(i)
-        phi = (u * b.grads[i] > 0).to(u.dtype)
-        b.set_update_one(i, u * phi * (u.numel() / (phi.sum() + 1)))
+    def math(self, x: Slot) -> None:
+        phi = (x.u * x.g > 0).to(x.u.dtype)
+        kept = phi.sum()
+        x.u = x.u * phi
+        scale = x.u.numel() / (kept + 1)  # applied by the write-back, to the update only
+        x.upd_scale = scale if x.upd_scale is None else x.upd_scale * scale
+        x.scratch["cautious_kept"] = kept + 1
 
 
 class Grams(Transform):
@@ -58,5 +61,5 @@ class Grams(Transform):
         torch._foreach_abs_(u)
         torch._foreach_mul_(u, torch._foreach_sign(b.grads))
 
-    def single(self, b: Bucket, i: int) -> None:
-        b.set_update_one(i, b.update_one(i).abs() * b.grads[i].sign())
+    def math(self, x: Slot) -> None:
+        x.u = x.u.abs() * x.g.sign()

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from ..core.chain import Bucket, StateSpec, Transform
+from ..core.chain import Bucket, Slot, StateSpec, Transform
 
 
 class ScaleByAdam(Transform):
@@ -51,16 +51,14 @@ class ScaleByAdam(Transform):
         # Kept lazy (u = m / denom / bc1): a plain AdamW step is then one fused addcdiv.
         b.set_update_ratio(m, denom, [1 / (1 - beta1 ** t) for t in b.steps])
 
-    def single(self, b: Bucket, i: int) -> None:
-        beta1, beta2 = b.hp["betas"]
-        t, g = b.steps[i], b.grads[i]
-        m, v = b.state["exp_avg"][i], b.state["exp_avg_sq"][i]
-        m_in = b.m_input[i] if b.m_input is not None else g
-        m.mul_(beta1).add_(m_in, alpha=1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        m_hat = m / (1 - beta1 ** t)
-        v_hat = v / (1 - beta2 ** t)
-        b.set_update_one(i, m_hat / (v_hat.sqrt() + b.hp["eps"]))
+    def math(self, x: Slot) -> None:
+        beta1, beta2 = x.hp["betas"]
+        m, v, g = x.st["exp_avg"], x.st["exp_avg_sq"], x.g
+        m.mul_(beta1).add_(x.momentum_input * (1 - beta1))
+        v.mul_(beta2).add_(g * g * (1 - beta2))
+        m_hat = m / (1 - beta1 ** x.t)
+        v_hat = v / (1 - beta2 ** x.t)
+        x.u = m_hat / (v_hat.sqrt() + x.hp["eps"])
 
 
 class ScaleByADOPT(Transform):
@@ -98,16 +96,12 @@ class ScaleByADOPT(Transform):
                 update[i] = mi
         b.set_update(update, owned=False)  # the momentum itself, lent: copied only if modified
 
-    def single(self, b: Bucket, i: int) -> None:
-        beta1, beta2 = b.hp["betas"]
-        t, g = b.steps[i], b.grads[i]
-        m, v = b.state["exp_avg"][i], b.state["exp_avg_sq"][i]
-        if t == 1:
-            v.copy_(g * g)
-            b.set_update_one(i, torch.zeros_like(g))
-            return
-        m_in = b.m_input[i] if b.m_input is not None else g
-        n = (m_in / v.sqrt().clamp_min(b.hp["eps"])).clamp(-t ** 0.25, t ** 0.25)
-        m.mul_(beta1).add_(n, alpha=1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        b.set_update_one(i, m.clone())
+    def math(self, x: Slot) -> None:
+        beta1, beta2 = x.hp["betas"]
+        m, v, g, t = x.st["exp_avg"], x.st["exp_avg_sq"], x.g, x.t
+        first = t <= 1  # step 1 only initialises v = g**2; no momentum, no update
+        clip = t ** 0.25
+        n = torch.minimum(torch.maximum(x.momentum_input / v.sqrt().clamp_min(x.hp["eps"]), -clip), clip)
+        m.copy_(torch.where(first, m, m * beta1 + n * (1 - beta1)))
+        v.copy_(torch.where(first, g * g, v * beta2 + g * g * (1 - beta2)))
+        x.u = torch.where(first, torch.zeros_like(m), m)

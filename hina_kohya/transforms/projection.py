@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.chain import Bucket, Transform
+from ..core.chain import Bucket, Slot, Transform
 
 _EPS = 1e-30
 
@@ -44,9 +44,8 @@ class OrthogonalGradient(Transform):
         torch._foreach_mul_(perp, scale)
         b.grads = perp
 
-    def single(self, b: Bucket, i: int) -> None:
-        w, g = compute_params(b)[i].reshape(-1), b.grads[i]
-        flat = g.reshape(-1)
+    def math(self, x: Slot) -> None:
+        w, flat = x.p.reshape(-1), x.g.reshape(-1)
         perp = flat - (torch.dot(w, flat) / (torch.dot(w, w) + _EPS)) * w
         perp = perp * (flat.norm() / (perp.norm() + _EPS))
-        b.grads[i] = perp.view_as(g)
+        x.g = perp.view_as(x.g)

@@ -48,17 +48,13 @@ def lora_plus_factors(opt, ratio_of_group) -> dict[int, float]:
 class LoRAPlusRatio(Transform):
     name = "lora_plus"
 
-    def foreach(self, b: Bucket) -> None:
+    def prepare(self, b: Bucket) -> None:
         opt = b.opt
         cache = opt._derived.get("lora_plus")
         if cache is None:
             cache = lora_plus_factors(opt, lambda gi: float(opt.param_groups[gi]["alora_ratio"]))
             opt._derived["lora_plus"] = cache
         b.lr_scale = [s * cache.get(idx, 1.0) for s, idx in zip(b.lr_scale, b.indices)]
-
-    def single(self, b: Bucket, i: int) -> None:
-        if i == 0:
-            self.foreach(b)
 
 
 def _product(opt, indices: tuple[int, ...]) -> torch.Tensor:
@@ -77,7 +73,7 @@ def _product(opt, indices: tuple[int, ...]) -> torch.Tensor:
 class LoKrScale(Transform):
     name = "lokr_scale"
 
-    def foreach(self, b: Bucket) -> None:
+    def prepare(self, b: Bucket) -> None:
         scales_by_param = self._scales(b.opt)
         if not any(idx in scales_by_param for idx in b.indices):
             return
@@ -101,6 +97,3 @@ class LoKrScale(Transform):
         opt._derived["lokr_scales"] = (opt.step_count, out)
         return out
 
-    def single(self, b: Bucket, i: int) -> None:
-        if i == 0:
-            self.foreach(b)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.chain import Bucket, StateSpec, Transform
+from ..core.chain import Bucket, Slot, StateSpec, Transform
 
 _TINY = 1e-30
 
@@ -48,14 +48,15 @@ class TorqueAwareMomentum(Transform):
         b.m_input = torch._foreach_mul(b.m_input if b.m_input is not None else g, damp)
         b.scratch["tam_damping"] = damp
 
-    def single(self, b: Bucket, i: int) -> None:
-        beta, t = b.hp["tam_beta"], b.steps[i]
-        m, g, s_hat = b.state[self.momentum_key][i], b.grads[i], b.state["tam_s"][i]
+    def math(self, x: Slot) -> None:
+        beta = x.hp["tam_beta"]
+        m, g, s_hat = x.st[self.momentum_key], x.g, x.st["tam_s"]
         mn = m.norm()
         cos = torch.dot(m.reshape(-1), g.reshape(-1)) / (mn * g.norm()).clamp_min(_TINY)
         cos = torch.where(mn > 0, cos, torch.ones_like(cos))
-        s_hat.mul_(beta).add_(cos, alpha=1 - beta)
-        damp = (1 + s_hat / (1 - beta ** t)) / 2
-        if b.m_input is None:
-            b.m_input = list(b.grads)
-        b.m_input[i] = b.m_input[i] * damp
+        # copy_(expression), not mul_().add_(): torch.compile (2.13) loses chained in-place updates
+        # of float64 0-d inputs; this form is correct in every dtype and on every path
+        new_s = s_hat * beta + cos * (1 - beta)
+        s_hat.copy_(new_s)
+        damp = (1 + new_s / (1 - beta ** x.t)) / 2
+        x.m_in = x.momentum_input * damp

@@ -1,0 +1,132 @@
+"""The fused path: one compiled kernel per tensor, generated from the chain's per-tensor math.
+
+``Transform.math`` is the readable single-tensor version of each technique (tensor ops only,
+step counter and hyperparameters as 0-d tensors, no Python branch on values). Composed by
+``chain.tensor_step`` it is the whole step of one tensor; ``torch.compile`` (inductor: C++ on the
+CPU, Triton on GPUs) turns it into a few fused loops -- the reductions in one read of the tensors,
+the update, moments and write-back in another -- instead of the ~20 separate memory passes of the
+list-wise eager path. No technique is written a second time: the kernel *is* the reference path.
+
+Tensors are passed as flat 1-D aliases of their storage (dynamic length), so one compiled graph
+serves every parameter shape. If compilation is unavailable (no C++ compiler, an unsupported platform) the optimizer
+falls back to the eager list-wise path with one warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .chain import Chain, Slot, tensor_step
+
+log = logging.getLogger(__name__)
+
+ENV = "HINA_KOHYA_FUSED"
+
+
+def fused_default() -> bool:
+    """The default of ``fused=None``: on, unless the environment variable says 0/false/no."""
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class Layout:
+    """Where each number sits in the one scalar vector a kernel call receives: the step, the
+    per-tensor rate, decay and mask-unit factors, then the group's numeric hyperparameters
+    (tuples such as betas unpacked). Built per param group; fixed while the group is."""
+
+    FIXED = ("t", "rate", "decay", "mask_scale")
+
+    def __init__(self, hp: dict) -> None:
+        self.entries: list[tuple[str, int]] = []  # (hp key, width) -- width 0 for a scalar
+        for k, v in hp.items():
+            if isinstance(v, bool) or k in ("params", "param_names", "named"):
+                continue
+            if isinstance(v, (int, float)):
+                self.entries.append((k, 0))
+            elif isinstance(v, tuple) and v and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in v):
+                self.entries.append((k, len(v)))
+
+    def values(self, hp: dict) -> list[float]:
+        out: list[float] = []
+        for k, width in self.entries:
+            out.extend([float(hp[k])] if width == 0 else [float(e) for e in hp[k]])
+        return out
+
+    def unpack(self, vec: Tensor) -> tuple[dict, dict]:
+        fixed = {name: vec[i] for i, name in enumerate(self.FIXED)}
+        hp: dict[str, Any] = {}
+        i = len(self.FIXED)
+        for k, width in self.entries:
+            if width == 0:
+                hp[k] = vec[i]
+                i += 1
+            else:
+                hp[k] = tuple(vec[i + j] for j in range(width))
+                i += width
+        return fixed, hp
+
+
+_KERNELS: dict[tuple, Callable] = {}
+
+
+def _signature(chain: Chain, layout: Layout, keys: tuple[str, ...]) -> tuple:
+    """Kernels depend only on the transforms' types and settings, the layout and the state keys;
+    optimizers with the same recipe share one compiled kernel (dynamo caches at most a few
+    variants per function: one closure per optimizer would exhaust that and fall back to eager)."""
+    parts = tuple((type(t).__module__, type(t).__name__, tuple(sorted(vars(t).items()))) for t in chain.transforms)
+    return parts, tuple(layout.entries), keys
+
+
+def make_kernel(chain: Chain, layout: Layout, keys: tuple[str, ...]) -> Callable:
+    """A compiled per-tensor step for this chain. Inputs: the flat parameter (written in place),
+    the flat gradient, the states in ``keys`` order, one vector of numbers (``layout``) and an
+    optional 0-d data-dependent rate factor."""
+    sig = _signature(chain, layout, keys)
+    if sig not in _KERNELS:
+        _KERNELS[sig] = _compile(list(chain.transforms), layout, keys)
+    return _KERNELS[sig]
+
+
+def _compile(transforms: list, layout: Layout, keys: tuple[str, ...]) -> Callable:
+
+    def kernel(p: Tensor, g: Tensor, states: tuple, vec: Tensor, rate_t: Optional[Tensor]) -> Tensor:
+        fixed, hp = layout.unpack(vec)
+        rate = fixed["rate"] if rate_t is None else fixed["rate"] * rate_t
+        x = Slot(p, g, dict(zip(keys, states)), fixed["t"], hp, None, rate, fixed["decay"], fixed["mask_scale"])
+        new = tensor_step(transforms, x)
+        p.copy_(new)
+        kept = x.scratch.get("cautious_kept")
+        return kept if kept is not None else torch.zeros((), dtype=p.dtype, device=p.device)
+
+    return torch.compile(kernel, dynamic=True)
+
+
+def hp_tensors(hp: dict, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """For the eager per-tensor path: the group's numbers as 0-d tensors (tuples of numbers as
+    tuples of tensors), laid out as ``Layout`` lays them out for the kernel."""
+    layout = Layout(hp)
+    vec = torch.tensor([0.0] * len(Layout.FIXED) + layout.values(hp), dtype=dtype, device=device)
+    return layout.unpack(vec)[1]
+
+
+def flat(t: Optional[Tensor], numel: Optional[int] = None) -> Optional[Tensor]:
+    """A flat alias of a tensor shaped like the parameter, sharing its storage (in-place writes
+    land in the original). ``view(-1).detach()`` is not a view object, so dynamo does not guard
+    on (and recompile for) each original shape; detaching also stops dynamo from treating an
+    ``nn.Parameter`` as static-shaped. 0-d statistics become 1-element aliases; other shapes pass
+    through detached."""
+    if t is None:
+        return None
+    if t.dim() == 0:
+        # 0-d state as a 1-element alias: torch.compile (2.13) turns 0-d float64 inputs into
+        # scalars and drops in-place updates to them
+        return t.detach().view(1).detach()
+    if numel is not None and t.numel() != numel:
+        return t.detach()
+    if not t.is_contiguous():
+        raise ValueError("fused kernels need contiguous tensors")
+    return t.detach().view(-1).detach()

@@ -1,0 +1,72 @@
+"""The fused path (chain math compiled per tensor) equals the eager paths, and falls back cleanly."""
+
+import pytest
+import torch
+
+from hina_kohya import AdaptiveHinaAdamW, HinaAdamW
+from hina_kohya.bench.syncs import count_host_syncs
+from hina_kohya.core import fused as fused_mod
+from helpers import TinyLoRANet, params_of, train
+
+ALL_ON = dict(use_orthogonal_grad=True, use_grams=True)  # with the defaults: every technique
+
+
+def _pair(cls, precision, **kw):
+    a, b = TinyLoRANet(2), TinyLoRANet(2)
+    common = dict(lr=1e-2, state_precision=precision, min_8bit_size=16, **kw)
+    return a, cls(a.groups(), fused=False, **common), b, cls(b.groups(), fused=True, **common)
+
+
+@pytest.mark.parametrize("cls,kw", [
+    (HinaAdamW, {}),
+    (HinaAdamW, dict(ALL_ON, use_cautious=False)),  # Grams runs when Cautious is off
+    (AdaptiveHinaAdamW, dict(warmup_steps=8, relationship_discovery_interval=4, max_lr=5e-2)),
+])
+@pytest.mark.parametrize("precision", ["fp32", "8bit"])
+def test_fused_equals_eager(cls, kw, precision):
+    a, oa, b, ob = _pair(cls, precision, **kw)
+    train(a, oa, 15)
+    train(b, ob, 15)
+    assert ob.fused and not oa.fused  # really compiled, no silent fallback
+    for x, y in zip(params_of(a), params_of(b)):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
+    p = a.layers[1].lora_up.weight
+    q = b.layers[1].lora_up.weight
+    torch.testing.assert_close(ob.state[q]["exp_avg"].float(), oa.state[p]["exp_avg"].float(), rtol=1e-3, atol=1e-6)
+
+
+def test_fused_step_makes_no_host_syncs_and_logs():
+    m = TinyLoRANet(0)
+    opt = AdaptiveHinaAdamW(m.groups(), fused=True)
+    train(m, opt, 2)  # compile outside the count
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    with count_host_syncs() as syncs:
+        opt.step()
+    assert syncs.count == 0, syncs.by_method
+    assert 0 < opt.log_dict()["hina/cautious_kept/group0"] <= 1
+
+
+def test_optimizers_with_the_same_recipe_share_one_kernel():
+    m = TinyLoRANet(0)
+    o1, o2 = HinaAdamW(m.groups(), fused=True), HinaAdamW(m.groups(), fused=True)
+    train(m, o1, 1)
+    train(m, o2, 1)
+    assert o1._kernels[0][0] is o2._kernels[0][0]
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
+    def broken(*args, **kwargs):
+        def kernel(*a, **k):
+            raise RuntimeError("no C++ compiler")
+        return kernel
+    monkeypatch.setattr(fused_mod, "make_kernel", broken)
+    a, b = TinyLoRANet(3), TinyLoRANet(3)
+    ref = HinaAdamW(a.groups(), fused=False)
+    opt = HinaAdamW(b.groups(), fused=True)
+    with pytest.warns(UserWarning, match="fused kernels are unavailable"):
+        train(b, opt, 5)
+    train(a, ref, 5)
+    assert not opt.fused
+    for x, y in zip(params_of(a), params_of(b)):
+        torch.testing.assert_close(y, x)
