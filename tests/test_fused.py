@@ -70,3 +70,16 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     assert not opt.fused
     for x, y in zip(params_of(a), params_of(b)):
         torch.testing.assert_close(y, x)
+
+
+def test_auto_fuses_only_chains_with_techniques(monkeypatch):
+    monkeypatch.setenv("HINA_KOHYA_FUSED", "1")
+    from helpers import plain_hina
+
+    m = TinyLoRANet(0)
+    plain = plain_hina(m.groups())
+    train(m, plain, 1)
+    assert not plain._kernels  # the Adam core alone stays on the list-wise addcdiv path
+    full = HinaAdamW(m.groups())
+    train(m, full, 1)
+    assert full._kernels and full.fused

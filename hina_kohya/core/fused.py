@@ -33,6 +33,15 @@ def fused_default() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def worth_fusing(chain: Chain) -> bool:
+    """With ``fused=None``: fuse chains with more than one per-tensor technique. A chain that is
+    only the Adam core is already one fused ``addcdiv`` per tensor on the list-wise path, which
+    beats a kernel call per tensor."""
+    from .chain import Transform
+
+    return sum(type(t).math is not Transform.math for t in chain.transforms) > 1
+
+
 class Layout:
     """Where each number sits in the one scalar vector a kernel call receives: the step, the
     per-tensor rate, decay and mask-unit factors, then the group's numeric hyperparameters

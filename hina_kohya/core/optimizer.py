@@ -49,9 +49,10 @@ class HinaOptimizer(torch.optim.Optimizer):
 
     Engine options (every recipe accepts them):
       state_precision: "fp32" | "bf16" | "8bit" (see core/quant.py).
-      fused:           None (default: on unless HINA_KOHYA_FUSED=0) compiles each recipe's
-                       per-tensor math into one kernel per tensor (core/fused.py); falls back to
-                       the list-wise path, with one warning, where compilation is unavailable.
+      fused:           compile each recipe's per-tensor math into one kernel per tensor
+                       (core/fused.py). None (default): on for chains with more than the Adam
+                       core, unless HINA_KOHYA_FUSED=0; falls back to the list-wise path, with one
+                       warning, where compilation is unavailable.
       foreach:         for the unfused path: True (default) runs the list-wise path, False the
                        readable single-tensor reference path.
       bf16_rounding:   "stochastic" (default) | "kahan" | "nearest" for bf16 parameters.
@@ -77,6 +78,7 @@ class HinaOptimizer(torch.optim.Optimizer):
             raise ValueError(bf16_rounding)
         self.foreach = True if foreach is None else bool(foreach)
         # an explicit foreach=False asks for the reference path: it is not fused
+        self._fused_auto = fused is None and foreach is None
         self.fused = (fused_mod.fused_default() if foreach is None else False) if fused is None else bool(fused)
         self._kernels: dict[int, Callable] = {}
         self.bf16_rounding = bf16_rounding
@@ -230,7 +232,8 @@ class HinaOptimizer(torch.optim.Optimizer):
         b = Bucket(group, params, grads, views, steps, roles, indices, cdtype, opt=self)
         for t in chain.transforms:
             t.prepare(b)
-        if self.fused and self._run_fused(gi, b, states, chain):
+        if self.fused and (not self._fused_auto or fused_mod.worth_fusing(chain)) and \
+                self._run_fused(gi, b, states, chain):
             pass
         elif self.foreach:
             for t in chain.transforms:
