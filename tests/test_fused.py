@@ -83,3 +83,23 @@ def test_auto_fuses_only_chains_with_techniques(monkeypatch):
     full = HinaAdamW(m.groups())
     train(m, full, 1)
     assert full._kernels and full.fused
+
+
+def test_failure_after_some_tensors_were_updated_is_raised_not_retried(monkeypatch):
+    calls = {"n": 0}
+    real = fused_mod.make_kernel
+
+    def flaky(*args, **kwargs):
+        k = real(*args, **kwargs)
+
+        def kernel(*a, **kw):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("a second graph variant failed to compile")
+            return k(*a, **kw)
+        return kernel
+    monkeypatch.setattr(fused_mod, "make_kernel", flaky)
+    m = TinyLoRANet(4)
+    opt = HinaAdamW(m.groups(), fused=True)
+    with pytest.raises(RuntimeError, match="second graph variant"):
+        train(m, opt, 1)

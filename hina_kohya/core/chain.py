@@ -137,12 +137,6 @@ class Bucket:
         self._ratio = None
         self._borrowed = not owned
 
-    def set_update_one(self, i: int, tensor: Tensor) -> None:
-        """Single-tensor path: set the update of tensor ``i`` (owned)."""
-        if self._update is None:
-            self._update = [None] * len(self)
-        self._update[i] = tensor
-
     def set_update_ratio(self, num: list[Tensor], den: list[Tensor], scale: list[float]) -> None:
         """Set the update lazily to ``scale_i * num_i / den_i``; ``num``/``den`` are not owned."""
         self._ratio = (num, den, scale)
@@ -178,12 +172,6 @@ class Bucket:
         if self._borrowed and self._update is not None:
             return self._update  # type: ignore[return-value]
         return self.update()
-
-    def update_one(self, i: int) -> Tensor:
-        upd = self.update() if self._ratio is not None else self._update
-        if upd is None or upd[i] is None:
-            raise RuntimeError("the recipe's chain produced no update for this tensor")
-        return upd[i]  # type: ignore[return-value]
 
 
 class Slot:

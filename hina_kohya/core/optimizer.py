@@ -308,8 +308,12 @@ class HinaOptimizer(torch.optim.Optimizer):
                 vec = torch.tensor([float(b.steps[i]), b.lr_scale[i], decay, b.lr_mask_scale, *hp_values],
                                    dtype=b.compute_dtype, device=device)
                 rate_t = b.lr_scale_t[i].detach() if b.lr_scale_t is not None else None
-                kept.append(kernel(fused_mod.flat(targets[i]), fused_mod.flat(b.grads[i]),
-                                   tuple(fused_mod.flat(st[k], n) for k in keys), vec, rate_t))
+                try:
+                    kept.append(kernel(fused_mod.flat(targets[i]), fused_mod.flat(b.grads[i]),
+                                       tuple(fused_mod.flat(st[k], n) for k in keys), vec, rate_t))
+                except Exception as exc:
+                    exc.hina_tensors_done = i  # type: ignore[attr-defined]
+                    raise
                 continue
             if fused is not None:  # a non-contiguous tensor: the eager per-tensor path
                 hp = fused_mod.hp_tensors(b.hp, device, b.compute_dtype)
@@ -333,7 +337,9 @@ class HinaOptimizer(torch.optim.Optimizer):
         try:
             self._run_per_tensor(b, states, chain.transforms, fused)
         except Exception as exc:  # no compiler, unsupported platform: keep training, eagerly
-            if getattr(self, "_fused_checked", False):
+            if getattr(self, "_fused_checked", False) or getattr(exc, "hina_tensors_done", 0) > 0:
+                # some tensors of this step were already updated: an eager retry would update them
+                # twice, so stop instead of corrupting the run
                 raise
             self.fused = False
             self.note_once(f"fused kernels are unavailable ({type(exc).__name__}: {str(exc)[:200]}); using the "

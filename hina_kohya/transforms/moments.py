@@ -32,12 +32,15 @@ import torch
 
 from ..core.chain import Bucket, Slot, StateSpec, Transform
 
+#: first and second moment, the state of both moment transforms (signed m, non-negative v)
+MOMENTS = (StateSpec("exp_avg", signed=True), StateSpec("exp_avg_sq", signed=False))
+
 
 class ScaleByAdam(Transform):
     name = "adam"
 
     def state_specs(self, hp: dict) -> tuple[StateSpec, ...]:
-        return (StateSpec("exp_avg", signed=True), StateSpec("exp_avg_sq", signed=False))
+        return MOMENTS
 
     def foreach(self, b: Bucket) -> None:
         beta1, beta2 = b.hp["betas"]
@@ -65,7 +68,7 @@ class ScaleByADOPT(Transform):
     name = "adopt"
 
     def state_specs(self, hp: dict) -> tuple[StateSpec, ...]:
-        return (StateSpec("exp_avg", signed=True), StateSpec("exp_avg_sq", signed=False))
+        return MOMENTS
 
     def foreach(self, b: Bucket) -> None:
         beta1, beta2 = b.hp["betas"]

@@ -46,7 +46,6 @@ class TorqueAwareMomentum(Transform):
         torch._foreach_add_(damp, 1.0)
         torch._foreach_mul_(damp, 0.5)
         b.m_input = torch._foreach_mul(b.m_input if b.m_input is not None else g, damp)
-        b.scratch["tam_damping"] = damp
 
     def math(self, x: Slot) -> None:
         beta = x.hp["tam_beta"]
