@@ -75,7 +75,7 @@ def test_loss_decreases_on_lora(cls, precision, config):
 
 
 @pytest.mark.parametrize("cls", RECIPES)
-@pytest.mark.parametrize("precision", ["fp32", "8bit"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "8bit"])
 def test_loss_decreases_on_real_lycoris_lokr(cls, precision):
     net = _lokr_net()
     kw = dict(lr=1e-2, state_precision=precision, min_8bit_size=16)
@@ -375,3 +375,41 @@ def test_log_dict_reports_step_size_masks_decay_and_cautious():
     # group 1 holds three B factors (x4) and the dora scale (x1): mean rate 3.25 x the group lr
     assert hl["hina/step_size/group1"] == pytest.approx(3.25 * h.param_groups[1]["lr"])
     assert hl["hina/step_size/group0"] == pytest.approx(h.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("cls", RECIPES)
+def test_diagnostics_work_after_a_resume(cls):
+    m = TinyLoRANet(0)
+    kw = dict(relationship_discovery_interval=2) if cls is AdaptiveHinaAdamW else {}
+    opt = cls(m.groups(), **kw)
+    train(m, opt, 5)
+    opt2 = cls(m.groups(), **kw)
+    opt2.load_state_dict(_roundtrip(opt.state_dict()))
+    info = opt2.get_optimization_info()
+    assert info["training_stats"]["global_step"] == 5
+    if cls is HinaAdamW:
+        assert opt2.diagnose_lora_pairing()["groups"]["group_0"]["lora_a_count"] == 3
+    if cls is AdaptiveHinaAdamW:
+        assert opt2.get_importance_analysis() == opt.get_importance_analysis()
+        assert opt2.get_lr_mask_analysis()["global_statistics"] == opt.get_lr_mask_analysis()["global_statistics"]
+        assert opt2.get_relationship_summary()["total_relationships"] == 3
+
+
+def test_importance_score_matches_the_reference_formula():
+    from reference.hina_reference import importance_contributions
+
+    m = TinyLoRANet(0, torch.float64)
+    opt = AdaptiveHinaAdamW(m.groups(), relationship_discovery_interval=1, use_lr_mask=False,
+                            **{k: False for k in ("use_spd", "use_agr", "use_tam", "use_cautious", "use_grams")})
+    history, n0, imp = {}, {}, {}
+    for s in range(7):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        x_y = __import__("helpers").batch(s, m.dims, torch.float64)
+        loss = torch.nn.functional.mse_loss(m(x_y[0]), x_y[1])
+        opt.zero_grad()
+        loss.backward()
+        expected = importance_contributions(params, history, n0, imp, decay=0.95)
+        opt.step()
+        for p in params:
+            torch.testing.assert_close(opt.state[p]["importance"], torch.tensor(expected[id(p)], dtype=torch.float64),
+                                       rtol=1e-9, atol=1e-12)

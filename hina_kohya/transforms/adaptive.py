@@ -75,7 +75,8 @@ def relationships(opt) -> dict[int, tuple[int, int, float]]:
 
 
 def _product_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a2, b2 = a.detach().float().reshape(a.shape[0], -1), b.detach().float().reshape(b.shape[0], -1)
+    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    a2, b2 = a.detach().to(dtype).reshape(a.shape[0], -1), b.detach().to(dtype).reshape(b.shape[0], -1)
     if b2.shape[1] == a2.shape[0]:
         return (b2 @ a2).norm()
     if a2.shape[1] == b2.shape[0]:
@@ -96,7 +97,7 @@ class ImportanceScaling(Transform):
     def _refresh(self, b: Bucket, i: int, rel: Optional[tuple[int, int, float]]) -> None:
         hp, t = b.hp, b.steps[i]
         k = t // hp["relationship_discovery_interval"]  # 1-based refresh count
-        p = b.params[i].detach().float()
+        p = b.params[i].detach().to(b.compute_dtype)
         g = b.grads[i]
         norms = b.state["imp_norms"][i]
         gn = g.norm()

@@ -137,3 +137,30 @@ class ReferenceHina:
                     r = max(0.0, gamma - prev) / max(gamma, TINY)
                     new = new - hp["spd_lambda"] * r * (new - anchor)
             p.copy_(new)
+
+
+def importance_contributions(params, history, n0, importance, decay, keep=5):
+    """AdaptiveHinaAdamW's importance after one refresh, per parameter (ALGORITHMS.md §2.22, with
+    every group scored). Uses the raw gradient; updates the caller's history/n0/importance dicts."""
+    out = {}
+    for p in params:
+        key = id(p)
+        g, w = p.grad.detach(), p.detach()
+        gn = g.norm().item()
+        hist = history.setdefault(key, [])
+        hist.append(gn)
+        recent = hist[-keep:]
+        if len(recent) > 1:
+            t = torch.tensor(recent, dtype=torch.float64)
+            consistency = max(0.1, 1 - (t.std(unbiased=True) / max(t.mean().item(), 1e-30)).item())
+        else:
+            consistency = 1.0
+        pn = w.norm().item()
+        if key not in n0:
+            n0[key] = pn
+        change = abs(pn - n0[key]) / max(n0[key], 1e-30)
+        intrinsic = w.var(unbiased=False).item() * (1 - (w.abs() < 1e-6).double().mean().item())
+        contribution = max(0.01, 0.4 * gn * consistency + 0.3 * change + 0.3 * intrinsic)
+        importance[key] = importance.get(key, 1.0) * decay + (1 - decay) * contribution
+        out[key] = importance[key]
+    return out
