@@ -52,7 +52,8 @@ def test_optimizers_with_the_same_recipe_share_one_kernel():
     o1, o2 = HinaAdamW(m.groups(), fused=True), HinaAdamW(m.groups(), fused=True)
     train(m, o1, 1)
     train(m, o2, 1)
-    assert o1._kernels[0][0] is o2._kernels[0][0]
+    shared = [k for k in o1._kernels[0][0] if k != "chain"]
+    assert shared and all(o1._kernels[0][0][k] is o2._kernels[0][0][k] for k in shared)
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):

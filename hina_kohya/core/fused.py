@@ -26,6 +26,7 @@ from .chain import Chain, Slot, tensor_step
 log = logging.getLogger(__name__)
 
 ENV = "HINA_KOHYA_FUSED"
+CHUNK_ENV = "HINA_KOHYA_FUSED_CHUNK"
 
 
 def fused_default() -> bool:
@@ -82,7 +83,7 @@ class Layout:
 _KERNELS: dict[tuple, Callable] = {}
 
 
-def _signature(chain: Chain, layout: Layout, keys: tuple[str, ...]) -> tuple:
+def _signature(chain: Chain, layout: Layout, keys: tuple[str, ...]) -> tuple:  # noqa: D401
     """Kernels depend only on the transforms' types and settings, the layout and the state keys;
     optimizers with the same recipe share one compiled kernel (dynamo caches at most a few
     variants per function: one closure per optimizer would exhaust that and fall back to eager)."""
@@ -90,28 +91,51 @@ def _signature(chain: Chain, layout: Layout, keys: tuple[str, ...]) -> tuple:
     return parts, tuple(layout.entries), keys
 
 
-def make_kernel(chain: Chain, layout: Layout, keys: tuple[str, ...]) -> Callable:
-    """A compiled per-tensor step for this chain. Inputs: the flat parameter (written in place),
-    the flat gradient, the states in ``keys`` order, one vector of numbers (``layout``) and an
-    optional 0-d data-dependent rate factor."""
-    sig = _signature(chain, layout, keys)
+def chunk_size() -> int:
+    """Tensors per kernel call (``HINA_KOHYA_FUSED_CHUNK``, default 8). Larger chunks cut the
+    per-call overhead (guards, wrappers) and lengthen the one-time compile."""
+    try:
+        return max(1, int(os.environ.get(CHUNK_ENV, "8")))
+    except ValueError:
+        return 8
+
+
+def make_kernel(chain: Chain, layout: Layout, keys: tuple[str, ...], k: int = 1) -> Callable:
+    """A compiled step for ``k`` tensors at once. Inputs, one entry per tensor: the flat parameter
+    (written in place), the flat gradient, the states in ``keys`` order, a row of numbers
+    (``layout``) in one ``[k, n]`` tensor, and 0-d data-dependent rate factors (or None)."""
+    sig = (_signature(chain, layout, keys), k)
     if sig not in _KERNELS:
         _KERNELS[sig] = _compile(list(chain.transforms), layout, keys)
     return _KERNELS[sig]
 
 
 def _compile(transforms: list, layout: Layout, keys: tuple[str, ...]) -> Callable:
-
-    def kernel(p: Tensor, g: Tensor, states: tuple, vec: Tensor, rate_t: Optional[Tensor]) -> Tensor:
-        fixed, hp = layout.unpack(vec)
-        rate = fixed["rate"] if rate_t is None else fixed["rate"] * rate_t
-        x = Slot(p, g, dict(zip(keys, states)), fixed["t"], hp, None, rate, fixed["decay"], fixed["mask_scale"])
-        new = tensor_step(transforms, x)
-        p.copy_(new)
-        kept = x.scratch.get("cautious_kept")
-        return kept if kept is not None else torch.zeros((), dtype=p.dtype, device=p.device)
+    def kernel(ps: list, gs: list, states: list, vecs: Tensor, rates: Optional[list]) -> Tensor:
+        kept = []
+        for j in range(len(ps)):  # unrolled by dynamo: one graph for the whole chunk
+            fixed, hp = layout.unpack(vecs[j])
+            rate = fixed["rate"] if rates is None else fixed["rate"] * rates[j]
+            x = Slot(ps[j], gs[j], dict(zip(keys, states[j])), fixed["t"], hp, None, rate, fixed["decay"],
+                     fixed["mask_scale"])
+            ps[j].copy_(tensor_step(transforms, x))
+            kept.append(x.scratch.get("cautious_kept", torch.zeros((), dtype=ps[j].dtype, device=ps[j].device)))
+        return torch.stack(kept)
 
     return torch.compile(kernel, dynamic=True)
+
+
+def chunks(sizes: list[int], k: int) -> list[list[int]]:
+    """Indices grouped into chunks of ``k`` tensors of one size class (inductor specialises
+    reductions at 4096 elements, so mixing classes would multiply compiled variants); the
+    remainder of each class goes one tensor per call."""
+    out: list[list[int]] = []
+    for cls in (False, True):
+        idx = sorted((i for i, n in enumerate(sizes) if (n > 4096) == cls), key=lambda i: sizes[i])
+        full = len(idx) - len(idx) % k
+        out += [idx[j:j + k] for j in range(0, full, k)]
+        out += [[i] for i in idx[full:]]
+    return out
 
 
 def hp_tensors(hp: dict, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

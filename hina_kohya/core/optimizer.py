@@ -80,7 +80,8 @@ class HinaOptimizer(torch.optim.Optimizer):
         # an explicit foreach=False asks for the reference path: it is not fused
         self._fused_auto = fused is None and foreach is None
         self.fused = (fused_mod.fused_default() if foreach is None else False) if fused is None else bool(fused)
-        self._kernels: dict[int, Callable] = {}
+        self._kernels: dict[int, tuple] = {}
+        self._flat_cache: dict[int, tuple[Tensor, Tensor]] = {}
         self.bf16_rounding = bf16_rounding
         self.master_weights = bool(master_weights)
         self.resume_hparams = resume_hparams
@@ -136,6 +137,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         self._chains.clear()
         if hasattr(self, "_kernels"):
             self._kernels.clear()
+            self._flat_cache.clear()
         self._structure = None
         self._derived = {}
 
@@ -228,13 +230,20 @@ class HinaOptimizer(torch.optim.Optimizer):
             self._init_state(p, st, specs, cdtype, role)
         steps = [st["step"] + 1 for st in states]
         grads = [p.grad if p.grad.dtype == cdtype else p.grad.to(cdtype) for p in params]
-        views = {s.key: [self.store.read(st, s, cdtype) if s.key in st else None for st in states] for s in specs}
+        fused = self.fused and (not self._fused_auto or fused_mod.worth_fusing(chain))
+        # the fused kernels read and write fp16 states as stored (the cast happens in the kernel)
+        views = {s.key: [self.store.read(st, s, cdtype, keep_fp16=fused) if s.key in st else None
+                         for st in states] for s in specs}
         b = Bucket(group, params, grads, views, steps, roles, indices, cdtype, opt=self)
         for t in chain.transforms:
             t.prepare(b)
-        if self.fused and (not self._fused_auto or fused_mod.worth_fusing(chain)) and \
-                self._run_fused(gi, b, states, chain):
+        if fused and self._run_fused(gi, b, states, chain):
             pass
+        elif fused:  # compilation failed before anything was updated: redo the views for eager
+            self._reread_fp16(b, states, specs, cdtype)
+            for t in chain.transforms:
+                t.foreach(b)
+            self._write_back(b, states, chain)
         elif self.foreach:
             for t in chain.transforms:
                 t.foreach(b)
@@ -294,45 +303,80 @@ class HinaOptimizer(torch.optim.Optimizer):
         = (kernel, layout, keys), the same function compiled into one kernel per tensor."""
         targets = self._targets(b, states)
         device = b.params[0].device
-        kept = []
+        kept: list = [None] * len(b)
+        eager = list(range(len(b)))
         if fused is not None:
-            kernel, layout, keys = fused
-            hp_values = layout.values(b.hp)
-        else:
+            eager = self._run_chunks(b, states, targets, fused, kept)
+        if eager:
             hp = fused_mod.hp_tensors(b.hp, device, b.compute_dtype)
-        for i in range(len(b)):
-            decay = b.decay_scale[i] if b.decay_scale is not None else 1.0
-            st = {k: v[i] for k, v in b.state.items()}
-            if fused is not None and targets[i].is_contiguous() and b.grads[i].is_contiguous():
-                n = targets[i].numel()
-                vec = torch.tensor([float(b.steps[i]), b.lr_scale[i], decay, b.lr_mask_scale, *hp_values],
-                                   dtype=b.compute_dtype, device=device)
-                rate_t = b.lr_scale_t[i].detach() if b.lr_scale_t is not None else None
-                try:
-                    kept.append(kernel(fused_mod.flat(targets[i]), fused_mod.flat(b.grads[i]),
-                                       tuple(fused_mod.flat(st[k], n) for k in keys), vec, rate_t))
-                except Exception as exc:
-                    exc.hina_tensors_done = i  # type: ignore[attr-defined]
-                    raise
-                continue
-            if fused is not None:  # a non-contiguous tensor: the eager per-tensor path
-                hp = fused_mod.hp_tensors(b.hp, device, b.compute_dtype)
+        for i in eager:
             as_t = lambda v: torch.tensor(float(v), dtype=b.compute_dtype, device=device)  # noqa: E731
+            decay = b.decay_scale[i] if b.decay_scale is not None else 1.0
             rate = as_t(b.lr_scale[i]) if b.lr_scale_t is None else as_t(b.lr_scale[i]) * b.lr_scale_t[i]
-            x = Slot(targets[i], b.grads[i], st, as_t(b.steps[i]), hp, b.roles[i], rate, as_t(decay),
-                     as_t(b.lr_mask_scale))
+            x = Slot(targets[i], b.grads[i], {k: v[i] for k, v in b.state.items()}, as_t(b.steps[i]), hp,
+                     b.roles[i], rate, as_t(decay), as_t(b.lr_mask_scale))
             targets[i].copy_(tensor_step(transforms, x))
-            kept.append(x.scratch.get("cautious_kept"))
+            kept[i] = x.scratch.get("cautious_kept")
         if any(getattr(t, "name", "") == "cautious" for t in transforms):
             b.scratch["cautious_kept"] = kept
         self._finish(b, states, targets)
+
+    def _reread_fp16(self, b: Bucket, states: list[dict], specs: list[StateSpec], cdtype: torch.dtype) -> None:
+        for s in specs:
+            views = b.state[s.key]
+            for j, st in enumerate(states):
+                if views[j] is not None and views[j].dtype == torch.float16 and cdtype != torch.float16:
+                    views[j] = self.store.read(st, s, cdtype)
+
+    def _run_chunks(self, b: Bucket, states: list[dict], targets: list[Tensor], fused: tuple,
+                    kept: list) -> list[int]:
+        """Run the contiguous tensors through the compiled kernels, ``chunk_size()`` tensors per
+        call; return the indices left for the eager per-tensor path (non-contiguous tensors)."""
+        kernels, layout, keys = fused
+        hp_values = layout.values(b.hp)
+        ok = [i for i in range(len(b)) if targets[i].is_contiguous() and b.grads[i].is_contiguous()]
+        done = 0
+        for chunk in fused_mod.chunks([targets[i].numel() for i in ok], fused_mod.chunk_size()):
+            idx = [ok[j] for j in chunk]
+            k = len(idx)
+            if k not in kernels:
+                kernels[k] = fused_mod.make_kernel(kernels["chain"], layout, keys, k)
+            rows = [[float(b.steps[i]), b.lr_scale[i], b.decay_scale[i] if b.decay_scale is not None else 1.0,
+                     b.lr_mask_scale, *hp_values] for i in idx]
+            rates = [b.lr_scale_t[i].detach() for i in idx] if b.lr_scale_t is not None else None
+            try:
+                out = kernels[k]([self._flat(targets[i], persistent=targets[i] is b.params[i]) for i in idx],
+                                 [fused_mod.flat(b.grads[i]) for i in idx],
+                                 [tuple(self._flat(b.state[key][i], targets[i].numel(),
+                                                   persistent=b.state[key][i] is states[i].get(key))
+                                        for key in keys) for i in idx],
+                                 torch.tensor(rows, dtype=b.compute_dtype, device=targets[idx[0]].device), rates)
+            except Exception as exc:
+                exc.hina_tensors_done = done  # type: ignore[attr-defined]
+                raise
+            done += k
+            for j, i in enumerate(idx):
+                kept[i] = out[j]
+        return [i for i in range(len(b)) if i not in set(ok)]
+
+    def _flat(self, t: Optional[Tensor], numel: Optional[int] = None, persistent: bool = False) -> Optional[Tensor]:
+        """Flat aliases of persistent tensors (parameters, fp32 states) are made once; temporary
+        ones (dequantized views, working copies) each time, and never cached."""
+        if t is None or not persistent:
+            return fused_mod.flat(t, numel)
+        hit = self._flat_cache.get(id(t))
+        if hit is not None and hit[0] is t:
+            return hit[1]
+        alias = fused_mod.flat(t, numel)
+        self._flat_cache[id(t)] = (t, alias)
+        return alias
 
     def _run_fused(self, gi: int, b: Bucket, states: list[dict], chain: Chain) -> bool:
         """Run the bucket through the compiled per-tensor kernel; False if compilation failed."""
         fused = self._kernels.get(gi)
         if fused is None:
             layout, keys = fused_mod.Layout(b.hp), tuple(b.state)
-            fused = (fused_mod.make_kernel(chain, layout, keys), layout, keys)
+            fused = ({"chain": chain}, layout, keys)  # kernels by chunk size, made on demand
             self._kernels[gi] = fused
         try:
             self._run_per_tensor(b, states, chain.transforms, fused)

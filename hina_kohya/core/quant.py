@@ -250,13 +250,14 @@ class StateStore:
             state[spec.key + ABSMAX_SUFFIX] = absmax
 
     # -- read / write each step ----------------------------------------------------------
-    def read(self, state: dict, spec: StateSpec, compute_dtype: torch.dtype) -> Tensor:
-        """A compute-dtype tensor holding the state; for "plain" it is the state tensor itself."""
+    def read(self, state: dict, spec: StateSpec, compute_dtype: torch.dtype, keep_fp16: bool = False) -> Tensor:
+        """A compute-dtype tensor holding the state; for "plain" it is the state tensor itself, and
+        with ``keep_fp16`` an fp16 state too (for kernels that cast on load and store)."""
         stored = state[spec.key]
         absmax = state.get(spec.key + ABSMAX_SUFFIX)
         if absmax is not None:
             return self.quantizer.decode(stored, absmax, spec.signed)
-        if stored.dtype == compute_dtype:
+        if stored.dtype == compute_dtype or (keep_fp16 and stored.dtype == torch.float16):
             return stored
         return stored.to(compute_dtype)
 

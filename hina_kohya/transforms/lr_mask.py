@@ -37,13 +37,14 @@ class LRMask(Transform):
 
     def math(self, x: Slot) -> None:
         hp, t = x.hp, x.t
-        mask, positive = x.st["lr_mask"], x.g > 0
+        stored, positive = x.st["lr_mask"], x.g > 0
+        mask = stored.to(x.p.dtype)  # the fused kernel gets the fp16 storage itself
         mag = mask.abs()
         bump = hp["lr_bump"] / hp["max_lr"]
         moved = torch.where((mask > 0) == positive, mag + bump, mag - bump)
         moved = moved.clamp_min(hp["min_lr"] / hp["max_lr"]).clamp_max(1.0)
         mag = torch.where((t > 1) & (t <= hp["warmup_steps"]), moved, mag)  # adapt during warm-up
-        mask.copy_(torch.where(t <= hp["warmup_steps"], torch.where(positive, mag, -mag), mask))
+        stored.copy_(torch.where(t <= hp["warmup_steps"], torch.where(positive, mag, -mag), mask))
         x.mask = mag
         x.mask_scale = x.mask_scale * hp["max_lr"] / initial_lr_t(hp)
 
