@@ -35,6 +35,19 @@ def _cmd_bench_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_chunks(args: argparse.Namespace) -> int:
+    from .bench import chunks
+
+    try:
+        sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--sizes {args.sizes!r}: give comma-separated positive integers, e.g. 1,8") from None
+    if not sizes or min(sizes) < 1:
+        raise SystemExit(f"--sizes {args.sizes!r}: give comma-separated positive integers, e.g. 1,8")
+    chunks.main(args.optimizer or ["HinaAdamW", "AdaptiveHinaAdamW"], args.set, sizes, args.rounds)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hina-kohya", description="Hina optimizers for kohya sd-scripts and LyCORIS")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     bstep.add_argument("--quick", action="store_true", help="tiny set, few rounds: a smoke run")
     bstep.add_argument("--json", help="also write the results as JSON to this file")
     bstep.set_defaults(func=_cmd_bench_step)
+    bch = bsub.add_parser("chunks", help="fused kernels with different tensors per call, interleaved with AdamW")
+    bch.add_argument("--optimizer", action="append", choices=["HinaAdamW", "AdaptiveHinaAdamW"],
+                     help="recipe (repeatable; default both)")
+    bch.add_argument("--set", default="sd15", choices=["sd15", "sdxl", "lokr", "tiny"])
+    bch.add_argument("--sizes", default="1,8", help="comma-separated chunk sizes (default 1,8)")
+    bch.add_argument("--rounds", type=int, default=20)
+    bch.set_defaults(func=_cmd_bench_chunks)
     return parser
 
 

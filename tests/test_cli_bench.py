@@ -54,3 +54,15 @@ def test_sd15_set_matches_the_advertised_layout():
     ranks = {shape[0] for n, shape in named if "lora_down" in n}
     assert ranks == {16, 8}
     assert all(len(s) == 4 and s[2:] == (3, 3) for n, s in named if "conv" in n and "lora_down" in n)
+
+
+def test_bench_chunks_runs_interleaved_and_restores_the_environment(capsys, monkeypatch):
+    import os
+
+    monkeypatch.setenv("HINA_KOHYA_FUSED_CHUNK", "2")
+    assert main(["bench", "chunks", "--optimizer", "HinaAdamW", "--set", "tiny", "--sizes", "1,2", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "chunk 1:" in out and "chunk 2:" in out and "AdamW foreach" in out
+    assert os.environ["HINA_KOHYA_FUSED_CHUNK"] == "2"
+    with pytest.raises(SystemExit, match="comma-separated positive integers"):
+        main(["bench", "chunks", "--sizes", "0,x"])
