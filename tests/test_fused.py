@@ -73,17 +73,18 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
         torch.testing.assert_close(y, x)
 
 
-def test_auto_fuses_only_chains_with_techniques(monkeypatch):
-    monkeypatch.setenv("HINA_KOHYA_FUSED", "1")
+def test_default_fuses_every_chain_unless_switched_off(monkeypatch):
     from helpers import plain_hina
 
+    monkeypatch.setenv("HINA_KOHYA_FUSED", "1")
     m = TinyLoRANet(0)
-    plain = plain_hina(m.groups())
-    train(m, plain, 1)
-    assert not plain._kernels  # the Adam core alone stays on the list-wise addcdiv path
-    full = HinaAdamW(m.groups())
-    train(m, full, 1)
-    assert full._kernels and full.fused
+    for opt in (plain_hina(m.groups()), HinaAdamW(m.groups())):
+        train(m, opt, 1)
+        assert opt.fused and opt._kernels
+    monkeypatch.setenv("HINA_KOHYA_FUSED", "0")
+    off = HinaAdamW(m.groups())
+    train(m, off, 1)
+    assert not off.fused and not off._kernels
 
 
 def test_failure_after_some_tensors_were_updated_is_raised_not_retried(monkeypatch):

@@ -239,7 +239,13 @@ class Transform:
 def tensor_step(transforms: list[Transform], x: Slot) -> Tensor:
     """One tensor's whole step: the chain's math, then the write-back formula of the engine,
     ``new = p * (1 - lr * rate * wd * decay) - lr * rate * upd_scale * mask_scale * mask * u``,
-    then post-update projections. Returns the new parameter value (compute dtype)."""
+    then post-update projections. Returns the new parameter value (compute dtype).
+
+    A non-finite gradient or update skips the tensor's step: its state is restored and the
+    parameter value returned unchanged (``x.scratch["skipped"]`` is 1). In the fused kernel the
+    snapshot and the selection fuse into the loops that run anyway."""
+    finite = torch.isfinite(x.g).all()
+    saved = {k: v.clone() for k, v in x.st.items() if v is not None}
     for t in transforms:
         t.math(x)
     if x.u is None:
@@ -252,7 +258,11 @@ def tensor_step(transforms: list[Transform], x: Slot) -> Tensor:
     for t in transforms:
         if t.post_update:
             new = t.after_math(x, new)
-    return new
+    finite = finite & torch.isfinite(new).all()
+    for k, old in saved.items():
+        x.st[k].copy_(torch.where(finite, x.st[k], old))
+    x.scratch["skipped"] = (~finite).to(x.p.dtype)
+    return torch.where(finite, new, x.p)
 
 
 @dataclass

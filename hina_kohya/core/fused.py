@@ -34,15 +34,6 @@ def fused_default() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def worth_fusing(chain: Chain) -> bool:
-    """With ``fused=None``: fuse chains with more than one per-tensor technique. A chain that is
-    only the Adam core is already one fused ``addcdiv`` per tensor on the list-wise path, which
-    beats a kernel call per tensor."""
-    from .chain import Transform
-
-    return sum(type(t).math is not Transform.math for t in chain.transforms) > 1
-
-
 class Layout:
     """Where each number sits in the one scalar vector a kernel call receives: the step, the
     per-tensor rate, decay and mask-unit factors, then the group's numeric hyperparameters
@@ -111,8 +102,8 @@ def make_kernel(chain: Chain, layout: Layout, keys: tuple[str, ...], k: int = 1)
 
 
 def _compile(transforms: list, layout: Layout, keys: tuple[str, ...]) -> Callable:
-    def kernel(ps: list, gs: list, states: list, vecs: Tensor, rates: Optional[list]) -> Tensor:
-        kept = []
+    def kernel(ps: list, gs: list, states: list, vecs: Tensor, rates: Optional[list]) -> tuple[Tensor, Tensor]:
+        kept, skipped = [], []
         for j in range(len(ps)):  # unrolled by dynamo: one graph for the whole chunk
             fixed, hp = layout.unpack(vecs[j])
             rate = fixed["rate"] if rates is None else fixed["rate"] * rates[j]
@@ -120,7 +111,8 @@ def _compile(transforms: list, layout: Layout, keys: tuple[str, ...]) -> Callabl
                      fixed["mask_scale"])
             ps[j].copy_(tensor_step(transforms, x))
             kept.append(x.scratch.get("cautious_kept", torch.zeros((), dtype=ps[j].dtype, device=ps[j].device)))
-        return torch.stack(kept)
+            skipped.append(x.scratch["skipped"])
+        return torch.stack(kept), torch.stack(skipped)
 
     return torch.compile(kernel, dynamic=True)
 

@@ -12,6 +12,10 @@ One step, as data flows (DESIGN.md §3):
    in the compute dtype, then rounded to the parameter dtype (stochastic / Kahan for bf16).
 5. Store state back in its format (bf16 / 8-bit) and advance the step counters.
 
+A tensor whose gradient or update is NaN/inf keeps its value and state (its step is skipped and
+counted); the per-tensor paths do this inside ``chain.tensor_step``, the list-wise path with a
+snapshot (``_snapshot`` / ``_restore_skipped``).
+
 No ``.item()``, ``bool(tensor)`` or Python branch on tensor values runs inside ``step()``: every
 per-step scalar is either a Python number derived from step counters and hyperparameters, or a
 tensor that stays on the device.
@@ -49,10 +53,9 @@ class HinaOptimizer(torch.optim.Optimizer):
 
     Engine options (every recipe accepts them):
       state_precision: "fp32" | "bf16" | "8bit" (see core/quant.py).
-      fused:           compile each recipe's per-tensor math into one kernel per tensor
-                       (core/fused.py). None (default): on for chains with more than the Adam
-                       core, unless HINA_KOHYA_FUSED=0; falls back to the list-wise path, with one
-                       warning, where compilation is unavailable.
+      fused:           compile each recipe's per-tensor math into kernels (core/fused.py).
+                       None (default): on unless HINA_KOHYA_FUSED=0; falls back to the list-wise
+                       path, with one warning, where compilation is unavailable.
       foreach:         for the unfused path: True (default) runs the list-wise path, False the
                        readable single-tensor reference path.
       bf16_rounding:   "stochastic" (default) | "kahan" | "nearest" for bf16 parameters.
@@ -78,7 +81,6 @@ class HinaOptimizer(torch.optim.Optimizer):
             raise ValueError(bf16_rounding)
         self.foreach = True if foreach is None else bool(foreach)
         # an explicit foreach=False asks for the reference path: it is not fused
-        self._fused_auto = fused is None and foreach is None
         self.fused = (fused_mod.fused_default() if foreach is None else False) if fused is None else bool(fused)
         self._kernels: dict[int, tuple] = {}
         self._flat_cache: dict[int, tuple[Tensor, Tensor]] = {}
@@ -93,6 +95,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         self._derived: dict[str, Any] = {}  # transform caches derived from the structure
         self.step_count = 0  # calls of step() in this process (per-step caches key on it)
         self._last: dict[int, dict] = {}  # per group: what the last step used, for log_dict()
+        self._nonfinite: Optional[Tensor] = None  # tensors whose step was skipped, on the device
         self._notes: set[str] = set()
         self.last_load_report: Optional[dict] = None
         if isinstance(params, (set, frozenset)):
@@ -230,7 +233,7 @@ class HinaOptimizer(torch.optim.Optimizer):
             self._init_state(p, st, specs, cdtype, role)
         steps = [st["step"] + 1 for st in states]
         grads = [p.grad if p.grad.dtype == cdtype else p.grad.to(cdtype) for p in params]
-        fused = self.fused and (not self._fused_auto or fused_mod.worth_fusing(chain))
+        fused = self.fused
         # the fused kernels read and write fp16 states as stored (the cast happens in the kernel)
         views = {s.key: [self.store.read(st, s, cdtype, keep_fp16=fused) if s.key in st else None
                          for st in states] for s in specs}
@@ -239,12 +242,10 @@ class HinaOptimizer(torch.optim.Optimizer):
             t.prepare(b)
         if fused and self._run_fused(gi, b, states, chain):
             pass
-        elif fused:  # compilation failed before anything was updated: redo the views for eager
-            self._reread_fp16(b, states, specs, cdtype)
-            for t in chain.transforms:
-                t.foreach(b)
-            self._write_back(b, states, chain)
-        elif self.foreach:
+        elif self.foreach or fused:
+            if fused:  # compilation failed before anything was updated: redo the views for eager
+                self._reread_fp16(b, states, specs, cdtype)
+            self._snapshot(b, states)
             for t in chain.transforms:
                 t.foreach(b)
             self._write_back(b, states, chain)
@@ -295,7 +296,38 @@ class HinaOptimizer(torch.optim.Optimizer):
         for t in chain.transforms:
             if t.post_update:
                 t.after_update(b, targets)
+        self._restore_skipped(b, targets, states)
         self._finish(b, states, targets)
+
+    def _snapshot(self, b: Bucket, states: list[dict]) -> None:
+        """List-wise path: keep what a non-finite step must leave untouched (per-tensor paths do
+        this inside ``chain.tensor_step``, where it fuses away)."""
+        largest = torch._foreach_norm(b.grads, float("inf"))  # max |g|: NaN/inf, never overflow
+        b.scratch["finite"] = [torch.isfinite(m) for m in largest]
+        b.scratch["old_states"] = {k: [v.clone() if v is not None else None for v in views]
+                                   for k, views in b.state.items()}
+        b.scratch["old_params"] = [p.detach().clone() if p.dtype == b.compute_dtype else None for p in b.params]
+        b.scratch["old_master"] = [st["master_param"].clone() if "master_param" in st else None for st in states]
+
+    def _restore_skipped(self, b: Bucket, targets: list[Tensor], states: list[dict]) -> None:
+        if "finite" not in b.scratch:
+            return
+        largest = torch._foreach_norm(targets, float("inf"))
+        finite = [f & torch.isfinite(m) for f, m in zip(b.scratch["finite"], largest)]
+        for i, (x, ok) in enumerate(zip(targets, finite)):
+            old = b.scratch["old_params"][i]
+            if old is None:
+                old = b.scratch["old_master"][i]
+            if old is None:  # a working copy of a low-precision parameter: rebuild it as it was
+                old = b.params[i].to(b.compute_dtype)
+                if "kahan_comp" in states[i]:
+                    old = old + states[i]["kahan_comp"].float()
+            x.copy_(torch.where(ok, x, old))
+            for key, olds in b.scratch["old_states"].items():
+                if olds[i] is not None:
+                    view = b.state[key][i]
+                    view.copy_(torch.where(ok, view, olds[i]))
+        b.scratch["skipped"] = [(~ok).to(b.compute_dtype).reshape(1) for ok in finite]
 
     # -- the per-tensor paths: the reference (eager) and the fused kernel (compiled) -----------
     def _run_per_tensor(self, b: Bucket, states: list[dict], transforms: list, fused: Optional[tuple]) -> None:
@@ -317,6 +349,7 @@ class HinaOptimizer(torch.optim.Optimizer):
                      b.roles[i], rate, as_t(decay), as_t(b.lr_mask_scale))
             targets[i].copy_(tensor_step(transforms, x))
             kept[i] = x.scratch.get("cautious_kept")
+            b.scratch.setdefault("skipped", []).append(x.scratch["skipped"].reshape(1))
         if any(getattr(t, "name", "") == "cautious" for t in transforms):
             b.scratch["cautious_kept"] = kept
         self._finish(b, states, targets)
@@ -345,7 +378,7 @@ class HinaOptimizer(torch.optim.Optimizer):
                      b.lr_mask_scale, *hp_values] for i in idx]
             rates = [b.lr_scale_t[i].detach() for i in idx] if b.lr_scale_t is not None else None
             try:
-                out = kernels[k]([self._flat(targets[i], persistent=targets[i] is b.params[i]) for i in idx],
+                out, skipped = kernels[k]([self._flat(targets[i], persistent=targets[i] is b.params[i]) for i in idx],
                                  [fused_mod.flat(b.grads[i]) for i in idx],
                                  [tuple(self._flat(b.state[key][i], targets[i].numel(),
                                                    persistent=b.state[key][i] is states[i].get(key))
@@ -355,6 +388,7 @@ class HinaOptimizer(torch.optim.Optimizer):
                 exc.hina_tensors_done = done  # type: ignore[attr-defined]
                 raise
             done += k
+            b.scratch.setdefault("skipped", []).append(skipped)
             for j, i in enumerate(idx):
                 kept[i] = out[j]
         return [i for i in range(len(b)) if i not in set(ok)]
@@ -418,9 +452,12 @@ class HinaOptimizer(torch.optim.Optimizer):
                 p.copy_(self.store.round_bf16(x, _seed(self.store.seed, t, idx, "param")))
 
     # -- logging -----------------------------------------------------------------------------
-    @staticmethod
-    def _record(b: Bucket, record: dict) -> None:
+    def _record(self, b: Bucket, record: dict) -> None:
         """Keep what log_dict() reports, as Python numbers or device tensors (no sync here)."""
+        skipped = b.scratch.get("skipped")
+        if skipped:
+            count = torch.cat([s.reshape(-1) for s in skipped]).sum()
+            self._nonfinite = count if self._nonfinite is None else self._nonfinite + count.to(self._nonfinite.device)
         record.setdefault("elements", 0)
         record["elements"] += sum(p.numel() for p in b.params)
         record.setdefault("rates", []).extend(s * b.lr_mask_scale for s in b.lr_scale)
@@ -440,7 +477,9 @@ class HinaOptimizer(torch.optim.Optimizer):
         per-tensor rate of the last step (lr x LoRA+/LoKr/importance scales; for lr masks, the
         mask's mean rate); hina/wd_multiplier/group{i}: mean dynamic weight-decay multiplier;
         hina/cautious_kept/group{i}: fraction of update elements Cautious kept; hina/lr_mask/*:
-        statistics of the per-element rates; hina/step, hina/state_bytes_per_element.
+        statistics of the per-element rates; hina/nonfinite_skipped: tensor steps skipped because
+        their gradient or update was NaN/inf (their value and state left untouched);
+        hina/step, hina/state_bytes_per_element.
         """
         out: dict[str, float] = {}
         for gi, g in enumerate(self.param_groups):
@@ -456,6 +495,7 @@ class HinaOptimizer(torch.optim.Optimizer):
             if rec.get("kept"):
                 kept = float(torch.stack([k.float() for k in rec["kept"]]).sum()) - rec["kept_n"]
                 out[f"hina/cautious_kept/group{gi}"] = kept / rec["elements"]
+        out["hina/nonfinite_skipped"] = float(self._nonfinite) if self._nonfinite is not None else 0.0
         masks = [(st["lr_mask"], g) for g in self.param_groups for p in g["params"]
                  for st in [self.state.get(p, {})] if "lr_mask" in st]
         if masks:

@@ -1,0 +1,58 @@
+"""A NaN/inf gradient skips that tensor's step: value and state untouched, counted in log_dict."""
+
+import copy
+
+import pytest
+import torch
+
+from hina_kohya import AdaptiveHinaAdamW, HinaAdamW
+from helpers import TinyLoRANet, train
+
+PATHS = {"foreach": dict(fused=False, foreach=True), "single": dict(fused=False, foreach=False),
+         "fused": dict(fused=True)}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("cls", [HinaAdamW, AdaptiveHinaAdamW])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_bad_gradient_skips_only_that_tensor(path, cls, bad):
+    m = TinyLoRANet(0)
+    opt = cls(m.groups(), lr=1e-2, **PATHS[path])
+    train(m, opt, 3)
+    victim = m.layers[1].lora_up.weight
+    other = m.layers[1].lora_down.weight
+    before = victim.detach().clone()
+    state_before = copy.deepcopy({k: v for k, v in opt.state[victim].items()})
+    other_before = other.detach().clone()
+    for p in m.parameters():
+        p.grad = torch.randn_like(p) * 0.1
+    victim.grad[0, 0] = bad
+    opt.step()
+    assert torch.equal(victim.detach(), before)
+    for k, v in state_before.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(opt.state[victim][k], v), k
+    # the step counter is a host integer: it advances (deciding otherwise would need a host sync)
+    assert opt.state[victim]["step"] == state_before["step"] + 1
+    assert not torch.equal(other.detach(), other_before)  # the rest of the step happened
+    assert opt.log_dict()["hina/nonfinite_skipped"] == 1.0
+    train(m, opt, 3, start=10)  # and training goes on, finite
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert opt.log_dict()["hina/nonfinite_skipped"] == 1.0
+
+
+@pytest.mark.parametrize("path", ["foreach", "fused"])
+def test_bad_gradient_on_bf16_params_and_8bit_state(path):
+    m = TinyLoRANet(1, dtype=torch.bfloat16)
+    opt = HinaAdamW(m.groups(), lr=1e-2, state_precision="8bit", min_8bit_size=16, **PATHS[path])
+    train(m, opt, 2)
+    victim = m.layers[0].lora_up.weight
+    before = victim.detach().clone()
+    codes = opt.state[victim]["exp_avg"].clone()
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    victim.grad[0, 0] = float("nan")
+    opt.step()
+    assert torch.equal(victim.detach(), before)
+    assert torch.equal(opt.state[victim]["exp_avg"], codes)
+    assert opt.log_dict()["hina/nonfinite_skipped"] == 1.0
