@@ -118,3 +118,17 @@ def test_fused_equals_eager_for_bf16_params_and_bf16_state(param_dtype, precisio
         # same seeds for stochastic rounding: only fp32 arithmetic order differs
         torch.testing.assert_close(y.float(), x.float(), rtol=2e-2, atol=2e-3)
     assert abs(la[-1] - lb[-1]) < 0.02 * la[-1]
+
+
+def test_each_kernel_has_its_own_code_object():
+    """dynamo caches at most 8 variants per code object and then runs eagerly, silently: kernels
+    of different recipes must not share one."""
+    m = TinyLoRANet(0)
+    a = HinaAdamW(m.groups(), fused=True)
+    b = AdaptiveHinaAdamW(m.groups(), fused=True)
+    train(m, a, 1)
+    train(m, b, 1)
+    ka = [v for k, v in a._kernels[0][0].items() if k != "chain"]
+    kb = [v for k, v in b._kernels[0][0].items() if k != "chain"]
+    codes = {getattr(k, "_torchdynamo_orig_callable", k).__code__ for k in ka + kb}
+    assert len(codes) == len(ka) + len(kb)

@@ -56,3 +56,36 @@ def test_bad_gradient_on_bf16_params_and_8bit_state(path):
     assert torch.equal(victim.detach(), before)
     assert torch.equal(opt.state[victim]["exp_avg"], codes)
     assert opt.log_dict()["hina/nonfinite_skipped"] == 1.0
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_bad_gradient_on_an_importance_refresh_step_does_not_poison_the_bucket(path):
+    m = TinyLoRANet(0)
+    opt = AdaptiveHinaAdamW(m.groups(), lr=1e-2, relationship_discovery_interval=1, **PATHS[path])
+    train(m, opt, 2)
+    victim = m.layers[1].lora_up.weight
+    imp_before = opt.state[victim]["importance"].clone()
+    for p in m.parameters():
+        p.grad = torch.randn_like(p) * 0.1
+    victim.grad[0, 0] = float("nan")
+    opt.step()
+    assert torch.equal(opt.state[victim]["importance"], imp_before)
+    before = [p.detach().clone() for p in m.parameters()]
+    train(m, opt, 3, start=10)
+    assert all(torch.isfinite(opt.state[p]["importance"]) for p in m.parameters())
+    assert all(not torch.equal(a, p.detach()) for a, p in zip(before, m.parameters()))  # nothing stalled
+    assert opt.log_dict()["hina/nonfinite_skipped"] == 1.0
+
+
+@pytest.mark.parametrize("path", ["foreach", "fused"])
+def test_skip_nonfinite_can_be_switched_off(path):
+    m = TinyLoRANet(0)
+    opt = HinaAdamW(m.groups(), skip_nonfinite=False, **PATHS[path])
+    train(m, opt, 1)
+    victim = m.layers[0].lora_up.weight
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    victim.grad[0, 0] = float("nan")
+    opt.step()
+    assert not torch.isfinite(victim).all()  # the user asked for no protection
+    assert opt.log_dict()["hina/nonfinite_skipped"] == 0.0

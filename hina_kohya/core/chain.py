@@ -236,7 +236,7 @@ class Transform:
         raise NotImplementedError
 
 
-def tensor_step(transforms: list[Transform], x: Slot) -> Tensor:
+def tensor_step(transforms: list[Transform], x: Slot, skip_nonfinite: bool = True) -> Tensor:
     """One tensor's whole step: the chain's math, then the write-back formula of the engine,
     ``new = p * (1 - lr * rate * wd * decay) - lr * rate * upd_scale * mask_scale * mask * u``,
     then post-update projections. Returns the new parameter value (compute dtype).
@@ -244,8 +244,9 @@ def tensor_step(transforms: list[Transform], x: Slot) -> Tensor:
     A non-finite gradient or update skips the tensor's step: its state is restored and the
     parameter value returned unchanged (``x.scratch["skipped"]`` is 1). In the fused kernel the
     snapshot and the selection fuse into the loops that run anyway."""
-    finite = torch.isfinite(x.g).all()
-    saved = {k: v.clone() for k, v in x.st.items() if v is not None}
+    if skip_nonfinite:
+        finite = torch.isfinite(x.g).all()
+        saved = {k: v.clone() for k, v in x.st.items() if v is not None}
     for t in transforms:
         t.math(x)
     if x.u is None:
@@ -258,6 +259,9 @@ def tensor_step(transforms: list[Transform], x: Slot) -> Tensor:
     for t in transforms:
         if t.post_update:
             new = t.after_math(x, new)
+    if not skip_nonfinite:
+        x.scratch["skipped"] = torch.zeros((), dtype=x.p.dtype, device=x.p.device)
+        return new
     finite = finite & torch.isfinite(new).all()
     for k, old in saved.items():
         x.st[k].copy_(torch.where(finite, x.st[k], old))

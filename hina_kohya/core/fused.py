@@ -91,17 +91,18 @@ def chunk_size() -> int:
         return 8
 
 
-def make_kernel(chain: Chain, layout: Layout, keys: tuple[str, ...], k: int = 1) -> Callable:
+def make_kernel(chain: Chain, layout: Layout, keys: tuple[str, ...], k: int = 1,
+                skip_nonfinite: bool = True) -> Callable:
     """A compiled step for ``k`` tensors at once. Inputs, one entry per tensor: the flat parameter
     (written in place), the flat gradient, the states in ``keys`` order, a row of numbers
     (``layout``) in one ``[k, n]`` tensor, and 0-d data-dependent rate factors (or None)."""
-    sig = (_signature(chain, layout, keys), k)
+    sig = (_signature(chain, layout, keys), k, skip_nonfinite)
     if sig not in _KERNELS:
-        _KERNELS[sig] = _compile(list(chain.transforms), layout, keys)
+        _KERNELS[sig] = _compile(list(chain.transforms), layout, keys, len(_KERNELS), skip_nonfinite)
     return _KERNELS[sig]
 
 
-def _compile(transforms: list, layout: Layout, keys: tuple[str, ...]) -> Callable:
+def _compile(transforms: list, layout: Layout, keys: tuple[str, ...], serial: int, skip_nonfinite: bool) -> Callable:
     def kernel(ps: list, gs: list, states: list, vecs: Tensor, rates: Optional[list]) -> tuple[Tensor, Tensor]:
         kept, skipped = [], []
         for j in range(len(ps)):  # unrolled by dynamo: one graph for the whole chunk
@@ -109,11 +110,15 @@ def _compile(transforms: list, layout: Layout, keys: tuple[str, ...]) -> Callabl
             rate = fixed["rate"] if rates is None else fixed["rate"] * rates[j]
             x = Slot(ps[j], gs[j], dict(zip(keys, states[j])), fixed["t"], hp, None, rate, fixed["decay"],
                      fixed["mask_scale"])
-            ps[j].copy_(tensor_step(transforms, x))
+            ps[j].copy_(tensor_step(transforms, x, skip_nonfinite))
             kept.append(x.scratch.get("cautious_kept", torch.zeros((), dtype=ps[j].dtype, device=ps[j].device)))
             skipped.append(x.scratch["skipped"])
         return torch.stack(kept), torch.stack(skipped)
 
+    # dynamo keeps its compiled variants per *code object*, at most 8 (recompile_limit) before it
+    # silently runs the function eagerly; every recipe, chunk size and dtype adds variants, so each
+    # kernel gets a code object of its own
+    kernel.__code__ = kernel.__code__.replace(co_name=f"hina_kernel_{serial}")
     return torch.compile(kernel, dynamic=True)
 
 

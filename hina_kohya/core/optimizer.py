@@ -58,6 +58,9 @@ class HinaOptimizer(torch.optim.Optimizer):
                        path, with one warning, where compilation is unavailable.
       foreach:         for the unfused path: True (default) runs the list-wise path, False the
                        readable single-tensor reference path.
+      skip_nonfinite:  True (default): a NaN/inf gradient or update leaves that tensor's value and
+                       state untouched (free in the fused kernels; on the list-wise path it costs a
+                       snapshot, about two extra memory passes per state and parameter).
       bf16_rounding:   "stochastic" (default) | "kahan" | "nearest" for bf16 parameters.
       master_weights:  keep an fp32 copy of bf16/fp16 params in state (required for fp16).
       seed:            seed of stochastic rounding (deterministic per step and parameter).
@@ -72,7 +75,7 @@ class HinaOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, state_precision: str = "fp32",
                  foreach: Optional[bool] = None, bf16_rounding: str = "stochastic", master_weights: bool = False,
                  seed: int = 0, resume_hparams: str = "saved", min_8bit_size: int = 4096,
-                 quant_backend: str = "auto", fused: Optional[bool] = None) -> None:
+                 quant_backend: str = "auto", fused: Optional[bool] = None, skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
         options = dict(state_precision=state_precision, bf16_rounding=bf16_rounding, seed=seed,
                        resume_hparams=resume_hparams, min_8bit_size=min_8bit_size)
@@ -80,6 +83,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         if bf16_rounding not in ROUNDINGS:  # pragma: no cover - covered by the rule above
             raise ValueError(bf16_rounding)
         self.foreach = True if foreach is None else bool(foreach)
+        self.skip_nonfinite = bool(skip_nonfinite)
         # an explicit foreach=False asks for the reference path: it is not fused
         self.fused = (fused_mod.fused_default() if foreach is None else False) if fused is None else bool(fused)
         self._kernels: dict[int, tuple] = {}
@@ -245,7 +249,8 @@ class HinaOptimizer(torch.optim.Optimizer):
         elif self.foreach or fused:
             if fused:  # compilation failed before anything was updated: redo the views for eager
                 self._reread_fp16(b, states, specs, cdtype)
-            self._snapshot(b, states)
+            if self.skip_nonfinite:
+                self._snapshot(b, states)
             for t in chain.transforms:
                 t.foreach(b)
             self._write_back(b, states, chain)
@@ -347,7 +352,7 @@ class HinaOptimizer(torch.optim.Optimizer):
             rate = as_t(b.lr_scale[i]) if b.lr_scale_t is None else as_t(b.lr_scale[i]) * b.lr_scale_t[i]
             x = Slot(targets[i], b.grads[i], {k: v[i] for k, v in b.state.items()}, as_t(b.steps[i]), hp,
                      b.roles[i], rate, as_t(decay), as_t(b.lr_mask_scale))
-            targets[i].copy_(tensor_step(transforms, x))
+            targets[i].copy_(tensor_step(transforms, x, self.skip_nonfinite))
             kept[i] = x.scratch.get("cautious_kept")
             b.scratch.setdefault("skipped", []).append(x.scratch["skipped"].reshape(1))
         if any(getattr(t, "name", "") == "cautious" for t in transforms):
@@ -373,7 +378,7 @@ class HinaOptimizer(torch.optim.Optimizer):
             idx = [ok[j] for j in chunk]
             k = len(idx)
             if k not in kernels:
-                kernels[k] = fused_mod.make_kernel(kernels["chain"], layout, keys, k)
+                kernels[k] = fused_mod.make_kernel(kernels["chain"], layout, keys, k, self.skip_nonfinite)
             rows = [[float(b.steps[i]), b.lr_scale[i], b.decay_scale[i] if b.decay_scale is not None else 1.0,
                      b.lr_mask_scale, *hp_values] for i in idx]
             rates = [b.lr_scale_t[i].detach() for i in idx] if b.lr_scale_t is not None else None

@@ -62,7 +62,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                  dynamic_weight_decay: bool = True, wd_transition_steps: int = 1000, wd_decay_factor: float = 0.7,
                  wd_min_ratio: float = 0.1, state_precision: str = "fp32", foreach: Optional[bool] = None,
                  bf16_rounding: str = "stochastic", master_weights: bool = False, seed: int = 0,
-                 resume_hparams: str = "saved", fused: Optional[bool] = None) -> None:
+                 resume_hparams: str = "saved", fused: Optional[bool] = None,
+                 skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
         warn_legacy(owner, dict(amsgrad=amsgrad, percentile_clipping=percentile_clipping, block_wise=block_wise,
                                 is_paged=is_paged, args=args))
@@ -84,7 +85,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                         wd_min_ratio=wd_min_ratio, optim_bits=optim_bits)
         super().__init__(params, defaults, state_precision=state_precision, foreach=foreach,
                          bf16_rounding=bf16_rounding, master_weights=master_weights, seed=seed,
-                         resume_hparams=resume_hparams, min_8bit_size=min_8bit_size, fused=fused)
+                         resume_hparams=resume_hparams, min_8bit_size=min_8bit_size, fused=fused,
+                         skip_nonfinite=skip_nonfinite)
 
     # -- diagnostics (ALGORITHMS.md §3.2 keys; the original's crashes E1/E2 and wrong fields fixed) --
     def get_optimization_info(self) -> dict:

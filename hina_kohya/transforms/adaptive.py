@@ -101,7 +101,12 @@ class ImportanceScaling(Transform):
         g = b.grads[i]
         norms = b.state["imp_norms"][i]
         gn = g.norm()
-        norms[(k - 1) % HISTORY] = gn
+        # a non-finite gradient (its step is skipped) must not enter the statistics: a NaN here
+        # would reach the bucket's mean importance and stall every tensor of the bucket
+        finite = torch.isfinite(gn)
+        slot = (k - 1) % HISTORY
+        norms[slot] = torch.where(finite, gn, norms[slot])
+        gn = torch.where(finite, gn, torch.zeros_like(gn))
         seen = min(k, HISTORY)
         hist = norms[:seen]
         if seen > 1:
@@ -115,7 +120,8 @@ class ImportanceScaling(Transform):
         change = (pn - n0).abs() / n0.clamp_min(1e-30)
         intrinsic = p.var(unbiased=False) * (1 - (p.abs() < 1e-6).float().mean()) if p.numel() > 1 else 0 * pn
         contribution = (0.4 * gn * consistency + 0.3 * change + 0.3 * intrinsic).clamp_min(0.01)
-        b.state["importance"][i].lerp_(contribution, 1 - hp["importance_decay"])
+        imp = b.state["importance"][i]
+        imp.copy_(torch.where(finite, imp.lerp(contribution, 1 - hp["importance_decay"]), imp))
         if rel is not None:
             a_idx, b_idx, compat = rel
             prod = _product_norm(b.opt._flat_params[a_idx], b.opt._flat_params[b_idx])
