@@ -27,7 +27,8 @@ from ..core.optimizer import HinaOptimizer
 from ..transforms.adaptive import ImportanceScaling, relationships
 from ..transforms.decay import DynamicWeightDecay, SelectiveProjectionDecay
 from ..transforms.lr_mask import LRMask
-from .hina_adamw import hina_features, hina_gradient_and_moments, hina_update_shaping, move_state, warn_legacy
+from .hina_adamw import (hina_features, hina_gradient_and_moments, hina_update_shaping, legacy_state_precision,
+                         move_state)
 
 
 def _positive_int(v: Any) -> bool:
@@ -65,13 +66,12 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                  resume_hparams: str = "saved", fused: Optional[bool] = None,
                  skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
-        warn_legacy(owner, dict(amsgrad=amsgrad, percentile_clipping=percentile_clipping, block_wise=block_wise,
-                                is_paged=is_paged, args=args))
+        state_precision = legacy_state_precision(owner, state_precision, optim_bits, amsgrad=amsgrad,
+                                                 percentile_clipping=percentile_clipping, block_wise=block_wise,
+                                                 is_paged=is_paged, args=args)
         if use_lr_mask and not min_lr <= max_lr:
             raise ValueError(f"{owner}: min_lr={min_lr!r} must not exceed max_lr={max_lr!r}; lower min_lr or raise "
                              "max_lr.")
-        if optim_bits == 8 and state_precision == "fp32":
-            state_precision = "8bit"
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, use_spd=use_spd,
                         spd_lambda=spd_lambda, use_cautious=use_cautious, use_orthogonal_grad=use_orthogonal_grad,
                         use_adopt_stability=use_adopt_stability, use_grams=use_grams, use_agr=use_agr,

@@ -58,11 +58,14 @@ HINA_TECHNIQUES = {
 _LEGACY_IGNORED = {"amsgrad": False, "percentile_clipping": 100, "block_wise": True, "is_paged": False, "args": None}
 
 
-def warn_legacy(owner: str, given: dict[str, Any]) -> None:
-    changed = [k for k, default in _LEGACY_IGNORED.items() if given.get(k, default) != default]
+def legacy_state_precision(owner: str, state_precision: str, optim_bits: int, **ignored: Any) -> str:
+    """The original classes' bitsandbytes arguments: ``optim_bits=8`` selects 8-bit state; the
+    others have no effect and warn when set to anything but their default."""
+    changed = [k for k, default in _LEGACY_IGNORED.items() if ignored.get(k, default) != default]
     if changed:
         warnings.warn(f"{owner}: {', '.join(changed)} have no effect (they were bitsandbytes options of the "
                       "original class and are ignored).", stacklevel=3)
+    return "8bit" if optim_bits == 8 and state_precision == "fp32" else state_precision
 
 
 class HinaAdamW(HinaOptimizer):
@@ -83,10 +86,9 @@ class HinaAdamW(HinaOptimizer):
         flags = dict(use_spd=use_spd, use_cautious=use_cautious, use_orthogonal_grad=use_orthogonal_grad,
                      use_adopt_stability=use_adopt_stability, use_grams=use_grams, use_agr=use_agr, use_tam=use_tam,
                      use_alora=use_alora, dynamic_weight_decay=dynamic_weight_decay)
-        warn_legacy(owner, dict(amsgrad=amsgrad, percentile_clipping=percentile_clipping, block_wise=block_wise,
-                                is_paged=is_paged, args=args))
-        if optim_bits == 8 and state_precision == "fp32":
-            state_precision = "8bit"
+        state_precision = legacy_state_precision(owner, state_precision, optim_bits, amsgrad=amsgrad,
+                                                 percentile_clipping=percentile_clipping, block_wise=block_wise,
+                                                 is_paged=is_paged, args=args)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, spd_lambda=spd_lambda,
                         tam_beta=tam_beta, alora_ratio=alora_ratio, wd_transition_steps=wd_transition_steps,
                         wd_decay_factor=wd_decay_factor, wd_min_ratio=wd_min_ratio, optim_bits=optim_bits, **flags)
