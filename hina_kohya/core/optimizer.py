@@ -347,17 +347,24 @@ class HinaOptimizer(torch.optim.Optimizer):
         if eager:
             hp = fused_mod.hp_tensors(b.hp, device, b.compute_dtype)
         for i in eager:
-            as_t = lambda v: torch.tensor(float(v), dtype=b.compute_dtype, device=device)  # noqa: E731
-            decay = b.decay_scale[i] if b.decay_scale is not None else 1.0
-            rate = as_t(b.lr_scale[i]) if b.lr_scale_t is None else as_t(b.lr_scale[i]) * b.lr_scale_t[i]
-            x = Slot(targets[i], b.grads[i], {k: v[i] for k, v in b.state.items()}, as_t(b.steps[i]), hp,
-                     b.roles[i], rate, as_t(decay), as_t(b.lr_mask_scale))
+            t, lr_scale, decay, mask_scale = (torch.tensor(v, dtype=b.compute_dtype, device=device)
+                                              for v in self._tensor_numbers(b, i))
+            rate = lr_scale if b.lr_scale_t is None else lr_scale * b.lr_scale_t[i]
+            x = Slot(targets[i], b.grads[i], {k: v[i] for k, v in b.state.items()}, t, hp, b.roles[i], rate,
+                     decay, mask_scale)
             targets[i].copy_(tensor_step(transforms, x, self.skip_nonfinite))
             kept[i] = x.scratch.get("cautious_kept")
             b.scratch.setdefault("skipped", []).append(x.scratch["skipped"].reshape(1))
         if any(getattr(t, "name", "") == "cautious" for t in transforms):
             b.scratch["cautious_kept"] = kept
         self._finish(b, states, targets)
+
+    @staticmethod
+    def _tensor_numbers(b: Bucket, i: int) -> tuple[float, float, float, float]:
+        """Step, rate factor, decay multiplier and mask unit of tensor ``i`` -- the fixed head of
+        ``fused.Layout`` and of the per-tensor Slot."""
+        decay = b.decay_scale[i] if b.decay_scale is not None else 1.0
+        return float(b.steps[i]), float(b.lr_scale[i]), float(decay), float(b.lr_mask_scale)
 
     def _reread_fp16(self, b: Bucket, states: list[dict], specs: list[StateSpec], cdtype: torch.dtype) -> None:
         for s in specs:
@@ -379,8 +386,7 @@ class HinaOptimizer(torch.optim.Optimizer):
             k = len(idx)
             if k not in kernels:
                 kernels[k] = fused_mod.make_kernel(kernels["chain"], layout, keys, k, self.skip_nonfinite)
-            rows = [[float(b.steps[i]), b.lr_scale[i], b.decay_scale[i] if b.decay_scale is not None else 1.0,
-                     b.lr_mask_scale, *hp_values] for i in idx]
+            rows = [[*self._tensor_numbers(b, i), *hp_values] for i in idx]
             rates = [b.lr_scale_t[i].detach() for i in idx] if b.lr_scale_t is not None else None
             try:
                 out, skipped = kernels[k]([self._flat(targets[i], persistent=targets[i] is b.params[i]) for i in idx],
@@ -396,7 +402,8 @@ class HinaOptimizer(torch.optim.Optimizer):
             b.scratch.setdefault("skipped", []).append(skipped)
             for j, i in enumerate(idx):
                 kept[i] = out[j]
-        return [i for i in range(len(b)) if i not in set(ok)]
+        fused = set(ok)
+        return [i for i in range(len(b)) if i not in fused]
 
     def _flat(self, t: Optional[Tensor], numel: Optional[int] = None, persistent: bool = False) -> Optional[Tensor]:
         """Flat aliases of persistent tensors (parameters, fp32 states) are made once; temporary
