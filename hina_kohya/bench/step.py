@@ -24,14 +24,6 @@ PLAIN = dict(use_spd=False, use_cautious=False, use_orthogonal_grad=False, use_a
              use_grams=False, use_agr=False, use_tam=False, use_alora=False, dynamic_weight_decay=False)
 
 
-def _hina(precision: str) -> Callable:
-    def make(params, names):
-        from ..optim import HinaAdamW
-
-        return HinaAdamW([{"params": params, "param_names": names}], lr=1e-4, state_precision=precision, **PLAIN)
-    return make
-
-
 def _recipe(cls_name: str, precision: str, **kw) -> Callable:
     def make(params, names):
         from .. import optim
@@ -54,9 +46,9 @@ def _bnb_adamw8bit(params, names):
 CANDIDATES: dict[str, tuple[str, Callable]] = {
     "adamw_fused": ("torch.optim.AdamW(fused=True)", _adamw(fused=True)),
     "bnb_adamw8bit": ("bitsandbytes AdamW8bit", _bnb_adamw8bit),
-    "hina_adamw_plain": ("HinaAdamW, techniques off, fp32 state", _hina("fp32")),
-    "hina_adamw_plain_bf16": ("HinaAdamW, techniques off, bf16 state", _hina("bf16")),
-    "hina_adamw_plain_8bit": ("HinaAdamW, techniques off, 8-bit state", _hina("8bit")),
+    "hina_adamw_plain": ("HinaAdamW, techniques off, fp32 state", _recipe("HinaAdamW", "fp32", **PLAIN)),
+    "hina_adamw_plain_bf16": ("HinaAdamW, techniques off, bf16 state", _recipe("HinaAdamW", "bf16", **PLAIN)),
+    "hina_adamw_plain_8bit": ("HinaAdamW, techniques off, 8-bit state", _recipe("HinaAdamW", "8bit", **PLAIN)),
     "hina_adamw": ("HinaAdamW, defaults, fp32 state", _recipe("HinaAdamW", "fp32")),
     "hina_adamw_8bit": ("HinaAdamW, defaults, 8-bit state", _recipe("HinaAdamW", "8bit")),
     "adaptive_hina_adamw": ("AdaptiveHinaAdamW, defaults, fp32 state", _recipe("AdaptiveHinaAdamW", "fp32")),
