@@ -87,6 +87,16 @@ def _register_builtins() -> None:
     register(OptimizerSpec("AdaptiveHinaAdamW8bit", optim.AdaptiveHinaAdamW8bit,
                            aliases=("HinaAdaptiveAdamW8bit",), uses_names=True,
                            summary="AdaptiveHinaAdamW with 8-bit state"))
+    register(OptimizerSpec("Automagic_CameAMP", optim.Automagic_CameAMP, uses_names=True,
+                           summary="factored CAME + Automagic per-element lr masks"))
+    register(OptimizerSpec("Automagic_CameAMP8bit", optim.Automagic_CameAMP8bit, uses_names=True,
+                           summary="Automagic_CameAMP with 8-bit state"))
+    register(OptimizerSpec("Automagic_CameAMP_COptim", optim.Automagic_CameAMP_COptim, uses_names=True,
+                           summary="Automagic_CameAMP + C-Optim context-aware lr (loss via set_loss)"))
+    register(OptimizerSpec("Automagic_CameAMP_COptim8bit", optim.Automagic_CameAMP_COptim8bit, uses_names=True,
+                           summary="Automagic_CameAMP_COptim with 8-bit state"))
+    register(OptimizerSpec("Automagic_CameAMP_Improved", optim.Automagic_CameAMP_Improved, uses_names=True,
+                           summary="Automagic_CameAMP + dual momentum, phase schedule, opt-in regularisers"))
 
 
 _register_builtins()

@@ -73,7 +73,7 @@ def test_optimizers_with_the_same_recipe_share_one_kernel():
     o1, o2 = HinaAdamW(m.groups(), fused=True), HinaAdamW(m.groups(), fused=True)
     train(m, o1, 1)
     train(m, o2, 1)
-    shared = [k for k in o1._kernels[0][0] if isinstance(k, int)]  # chunk size -> kernel
+    shared = [k for k in o1._kernels[0][0] if isinstance(k, tuple)]  # (chunk size, extra keys) -> kernel
     assert shared and all(o1._kernels[0][0][k] is o2._kernels[0][0][k] for k in shared)
 
 
@@ -149,7 +149,7 @@ def test_each_kernel_has_its_own_code_object():
     b = AdaptiveHinaAdamW(m.groups(), fused=True)
     train(m, a, 1)
     train(m, b, 1)
-    ka = [v for k, v in a._kernels[0][0].items() if isinstance(k, int)]
-    kb = [v for k, v in b._kernels[0][0].items() if isinstance(k, int)]
+    ka = [v for k, v in a._kernels[0][0].items() if isinstance(k, tuple)]
+    kb = [v for k, v in b._kernels[0][0].items() if isinstance(k, tuple)]
     codes = {getattr(k, "_torchdynamo_orig_callable", k).__code__ for k in ka + kb}
     assert len(codes) == len(ka) + len(kb)

@@ -42,7 +42,8 @@ class StateSpec:
                  precision matters more than their size (anchors, small statistics) say False.
     init:        ``"zeros"``, ``"ones"``, ``"param"`` (a copy of the parameter's current value) or a
                  float (a constant fill).
-    shape:       None for the parameter's shape, else a function ``param -> shape``.
+    shape:       None for the parameter's shape, else a function ``param -> shape``; the
+                 function returns None where the state does not apply (e.g. 1-D params).
     applies:     None for every parameter, else ``role -> bool`` (e.g. an anchor only for full
                  weights). Where it does not apply, the state view is None.
     fixed_format: "fp32" or "fp16" to store this state so whatever ``state_precision`` says
@@ -59,6 +60,9 @@ class StateSpec:
 
     def applies_to(self, role: Any) -> bool:
         return self.applies is None or bool(self.applies(role))
+
+    def shape_of(self, p: Tensor) -> Optional[Sequence[int]]:
+        return tuple(p.shape) if self.shape is None else self.shape(p)
 
 
 class Bucket:
@@ -87,7 +91,10 @@ class Bucket:
                   (e.g. Cautious' rescale of the kept elements),
       lr_mask:    optional per-element multipliers (same shapes as params); they scale the update
                   only, times ``lr_mask_scale`` (a Python float, e.g. the mask's storage unit),
-      decay_scale: optional per-tensor multipliers of the decoupled weight decay.
+      decay_scale: optional per-tensor multipliers of the decoupled weight decay,
+      extras:     ``{key: [0-d tensor per param]}``: data-dependent per-tensor values a
+                  ``prepare`` hook computes for the per-tensor math (``Slot.extra``); they reach
+                  the fused kernels as inputs (e.g. group statistics).
     """
 
     def __init__(
@@ -120,6 +127,7 @@ class Bucket:
         self.lr_mask: Optional[list[Tensor]] = None
         self.lr_mask_scale: float = 1.0
         self.decay_scale: Optional[list[float]] = None
+        self.extras: dict[str, list[Tensor]] = {}
         self._update: Optional[list[Optional[Tensor]]] = None
         # Lazy form u_i = ratio_scale_i * num_i / den_i, kept so that a plain Adam step can be
         # written back with one fused addcdiv, as torch.optim.AdamW does.
@@ -190,6 +198,7 @@ class Slot:
     upd_scale: per-tensor factor of the update only (0-d).
     mask, mask_scale: per-element rates (or None) and their unit factor (0-d).
     scratch:  values a transform keeps for its own ``after_math`` or for log_dict().
+    extra:    ``{key: 0-d tensor}`` from ``Bucket.extras`` (values computed by ``prepare`` hooks).
     """
 
     def __init__(self, p, g, st, t, hp, role, rate, decay, mask_scale):
@@ -200,6 +209,7 @@ class Slot:
         self.upd_scale = None
         self.mask = None
         self.scratch: dict[str, Any] = {}
+        self.extra: dict[str, Tensor] = {}
 
     @property
     def momentum_input(self):
@@ -211,6 +221,10 @@ class Transform:
 
     #: short name used in logs and diagnostics
     name: str = "transform"
+
+    #: False for transforms that only implement ``math`` (the per-tensor path). A chain with one
+    #: of them runs the fused kernels, or, unfused, the per-tensor math eagerly; never list-wise.
+    has_foreach: bool = True
 
     def state_specs(self, hp: dict) -> tuple[StateSpec, ...]:
         return ()

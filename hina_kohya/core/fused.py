@@ -78,8 +78,23 @@ def _signature(chain: Chain, layout: Layout, keys: tuple[str, ...]) -> tuple:  #
     """Kernels depend only on the transforms' types and settings, the layout and the state keys;
     optimizers with the same recipe share one compiled kernel (dynamo caches at most a few
     variants per function: one closure per optimizer would exhaust that and fall back to eager)."""
-    parts = tuple((type(t).__module__, type(t).__name__, tuple(sorted(vars(t).items()))) for t in chain.transforms)
-    return parts, tuple(layout.entries), keys
+    return tuple(_describe(t) for t in chain.transforms), tuple(layout.entries), keys
+
+
+def _describe(obj: Any) -> Any:
+    """A hashable structural description of a transform and its settings (wrapped transforms,
+    lists of strategies included), so that equal recipes map to one kernel."""
+    if isinstance(obj, (list, tuple)):
+        return tuple(_describe(o) for o in obj)
+    if isinstance(obj, dict):
+        return tuple(sorted((k, _describe(v)) for k, v in obj.items()))
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return (type(obj).__module__, type(obj).__qualname__, _describe(vars(obj)))
+    try:
+        hash(obj)
+        return obj
+    except TypeError:
+        return (type(obj).__qualname__, id(obj))
 
 
 def chunk_size() -> int:
@@ -92,24 +107,29 @@ def chunk_size() -> int:
 
 
 def make_kernel(chain: Chain, layout: Layout, keys: tuple[str, ...], k: int = 1,
-                skip_nonfinite: bool = True) -> Callable:
+                skip_nonfinite: bool = True, extra_keys: tuple[str, ...] = ()) -> Callable:
     """A compiled step for ``k`` tensors at once. Inputs, one entry per tensor: the flat parameter
     (written in place), the flat gradient, the states in ``keys`` order, a row of numbers
-    (``layout``) in one ``[k, n]`` tensor, and 0-d data-dependent rate factors (or None)."""
-    sig = (_signature(chain, layout, keys), k, skip_nonfinite)
+    (``layout``) in one ``[k, n]`` tensor, 0-d data-dependent rate factors (or None), and the
+    0-d per-tensor values of ``Bucket.extras`` in ``extra_keys`` order (or None)."""
+    sig = (_signature(chain, layout, keys), k, skip_nonfinite, extra_keys)
     if sig not in _KERNELS:
-        _KERNELS[sig] = _compile(list(chain.transforms), layout, keys, len(_KERNELS), skip_nonfinite)
+        _KERNELS[sig] = _compile(list(chain.transforms), layout, keys, len(_KERNELS), skip_nonfinite, extra_keys)
     return _KERNELS[sig]
 
 
-def _compile(transforms: list, layout: Layout, keys: tuple[str, ...], serial: int, skip_nonfinite: bool) -> Callable:
-    def kernel(ps: list, gs: list, states: list, vecs: Tensor, rates: Optional[list]) -> tuple[Tensor, Tensor]:
+def _compile(transforms: list, layout: Layout, keys: tuple[str, ...], serial: int, skip_nonfinite: bool,
+             extra_keys: tuple[str, ...] = ()) -> Callable:
+    def kernel(ps: list, gs: list, states: list, vecs: Tensor, rates: Optional[list],
+               extras: Optional[list] = None) -> tuple[Tensor, Tensor]:
         kept, skipped = [], []
         for j in range(len(ps)):  # unrolled by dynamo: one graph for the whole chunk
             fixed, hp = layout.unpack(vecs[j])
             rate = fixed["rate"] if rates is None else fixed["rate"] * rates[j]
             x = Slot(ps[j], gs[j], dict(zip(keys, states[j])), fixed["t"], hp, None, rate, fixed["decay"],
                      fixed["mask_scale"])
+            if extras is not None:
+                x.extra = dict(zip(extra_keys, extras[j]))
             ps[j].copy_(tensor_step(transforms, x, skip_nonfinite))
             kept.append(x.scratch.get("cautious_kept", torch.zeros((), dtype=ps[j].dtype, device=ps[j].device)))
             skipped.append(x.scratch["skipped"])

@@ -194,6 +194,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.before_step(loss)
         structure = self.structure
         self.step_count += 1
         for gi, group in enumerate(self.param_groups):
@@ -212,12 +213,16 @@ class HinaOptimizer(torch.optim.Optimizer):
                 self._run_bucket(gi, group, chain, specs, items, _compute_dtype(dtype), structure, self._last[gi])
         return loss
 
+    def before_step(self, loss: Any) -> None:
+        """Hook for recipes with optimizer-wide work before the groups run (C-Optim's context);
+        ``loss`` is the closure's result or None."""
+
     def _init_state(self, p: Tensor, state: dict, specs: list[StateSpec], cdtype: torch.dtype, role: Any) -> None:
         if "step" not in state:
             check_param_dtype(p, self.master_weights)
             state["step"] = 0
         for spec in specs:
-            if spec.key not in state and spec.applies_to(role):
+            if spec.key not in state and spec.applies_to(role) and spec.shape_of(p) is not None:
                 self.store.create(state, spec, p, cdtype)
         if p.dtype in (torch.bfloat16, torch.float16):
             if self.master_weights and "master_param" not in state:
@@ -246,7 +251,7 @@ class HinaOptimizer(torch.optim.Optimizer):
             t.prepare(b)
         if fused and self._run_fused(gi, b, states, chain):
             pass
-        elif self.foreach or fused:
+        elif (self.foreach or fused) and all(t.has_foreach for t in chain.transforms):
             if fused:  # compilation failed before anything was updated: redo the views for eager
                 self._reread_fp16(b, states, specs, cdtype)
             if self.skip_nonfinite:
@@ -352,6 +357,7 @@ class HinaOptimizer(torch.optim.Optimizer):
             rate = lr_scale if b.lr_scale_t is None else lr_scale * b.lr_scale_t[i]
             x = Slot(targets[i], b.grads[i], {k: v[i] for k, v in b.state.items()}, t, hp, b.roles[i], rate,
                      decay, mask_scale)
+            x.extra = {k: v[i] for k, v in b.extras.items()}
             targets[i].copy_(tensor_step(transforms, x, self.skip_nonfinite))
             kept[i] = x.scratch.get("cautious_kept")
             b.scratch.setdefault("skipped", []).append(x.scratch["skipped"].reshape(1))
@@ -384,14 +390,17 @@ class HinaOptimizer(torch.optim.Optimizer):
         done = 0
         for idx, flat_params, flat_states in plan:
             k = len(idx)
-            if k not in kernels:
-                kernels[k] = fused_mod.make_kernel(kernels["chain"], layout, keys, k, self.skip_nonfinite)
+            extra_keys = tuple(b.extras)
+            if (k, extra_keys) not in kernels:
+                kernels[(k, extra_keys)] = fused_mod.make_kernel(kernels["chain"], layout, keys, k,
+                                                                 self.skip_nonfinite, extra_keys)
             rows = [[*self._tensor_numbers(b, i), *hp_values] for i in idx]
             rates = [b.lr_scale_t[i].detach() for i in idx] if b.lr_scale_t is not None else None
+            extras = [tuple(b.extras[e][i].detach() for e in extra_keys) for i in idx] if extra_keys else None
             try:
-                out, skipped = kernels[k](flat_params, [fused_mod.flat(b.grads[i].contiguous()) for i in idx], flat_states,
-                                          torch.tensor(rows, dtype=b.compute_dtype, device=targets[idx[0]].device),
-                                          rates)
+                out, skipped = kernels[(k, extra_keys)](
+                    flat_params, [fused_mod.flat(b.grads[i].contiguous()) for i in idx], flat_states,
+                    torch.tensor(rows, dtype=b.compute_dtype, device=targets[idx[0]].device), rates, extras)
             except Exception as exc:
                 exc.hina_tensors_done = done  # type: ignore[attr-defined]
                 raise

@@ -69,6 +69,9 @@ class SelectiveProjectionDecay(Transform):
     name = "spd"
     post_update = True
 
+    def __init__(self, strength: str = "spd_lambda") -> None:
+        self.strength = strength  # the hyperparameter holding lambda (Improved: "weight_decay")
+
     def state_specs(self, hp: dict) -> tuple[StateSpec, ...]:
         return (StateSpec("spd_anchor", quantizable=False, init="param", applies=_needs_anchor),)
 
@@ -92,11 +95,11 @@ class SelectiveProjectionDecay(Transform):
         dev = new if a is None else new - a
         gamma = dev.norm()
         ratio = (gamma - x.scratch["spd_prev"]).clamp_min(0.0) / gamma.clamp_min(_TINY)
-        coef = torch.where(x.scratch["spd_c"] < 0, x.hp["spd_lambda"] * ratio, torch.zeros_like(ratio))
+        coef = torch.where(x.scratch["spd_c"] < 0, x.hp[self.strength] * ratio, torch.zeros_like(ratio))
         return new - coef * dev
 
     def after_update(self, b: Bucket, targets: list[torch.Tensor]) -> None:
-        lam = b.hp["spd_lambda"]
+        lam = b.hp[self.strength]
         dev = self._deviation(b, targets)
         new = torch._foreach_norm(dev)
         grow = torch._foreach_sub(new, b.scratch["spd_prev"])
@@ -109,3 +112,52 @@ class SelectiveProjectionDecay(Transform):
                 x.mul_(1 - k)  # zero anchor: theta - k * theta
             else:
                 x.sub_(d * k)
+
+
+class AdaptiveWeightDecay(Transform):
+    """The Automagic_CameAMP family's adaptive weight decay (ALGORITHMS.md §2.14), repaired.
+
+    Tensors whose gradients are larger than the group's typical gradient decay more:
+
+        z = (mean|g_tensor| - mean|g_group|) / std|g_group|,   k = 2 * sigmoid(4 z)   in (0, 2)
+        theta <- theta * (1 - rate_element * weight_decay * k)
+
+    where ``rate_element`` is the element's effective step (lr mask, row scale, scheduler), so the
+    decay follows the per-element learning rate as in the original. The group statistics are
+    computed from per-tensor sums (no concatenated copy of the group's gradients, defect 34), and
+    stay finite when the group's gradients are all equal (std = 0 gave inf/NaN, defect 37). The
+    decay applies for the whole run; the original stopped decaying at half the warm-up (defect 37).
+
+    ``prepare`` computes k per tensor (``Bucket.extras["awd_k"]``) and turns the engine's own
+    decoupled decay off for the bucket; ``math`` adds ``weight_decay * k * theta`` to the update,
+    which the write-back then scales by the element's rate. Place it after every transform that
+    reshapes the update's direction (Grams, Cautious) and before the rate transforms.
+    """
+
+    name = "adaptive_wd"
+    has_foreach = False
+
+    def prepare(self, b: Bucket) -> None:
+        b.decay_scale = [0.0] * len(b)
+        l1 = torch._foreach_norm(b.grads, 1)
+        l2 = torch._foreach_norm(b.grads, 2)
+        n = float(sum(g.numel() for g in b.grads))
+        mean = torch.stack(l1).sum() / n
+        std = (torch.stack(l2).square().sum() / n - mean.square()).clamp_min(0.0).sqrt()
+        k = [2 * torch.sigmoid(4 * (a / g.numel() - mean) / std.clamp_min(_TINY)) for a, g in zip(l1, b.grads)]
+        b.extras["awd_k"] = k
+
+    def math(self, x: Slot) -> None:
+        u = x.u if x.upd_scale is None else x.u * x.upd_scale
+        x.upd_scale = None
+        x.u = u + x.p * (x.hp["weight_decay"] * x.extra["awd_k"])
+
+
+class NoDecoupledDecay(Transform):
+    """Turns the engine's decoupled weight decay off for a recipe whose ``weight_decay`` feeds
+    another technique (Automagic_CameAMP_Improved: SPD's strength)."""
+
+    name = "no_decoupled_decay"
+
+    def prepare(self, b: Bucket) -> None:
+        b.decay_scale = [0.0] * len(b)

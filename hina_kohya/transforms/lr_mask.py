@@ -29,7 +29,17 @@ def initial_lr_t(hp: dict):
 
 
 class LRMask(Transform):
+    """``d_coef`` (Automagic_CameAMP_Improved): during the early warm-up (t < W/2) the bump toward
+    larger rates is multiplied by ``hp["d_coef"]`` when -sum(g * theta) > 0 (the gradient points
+    toward shrinking the weight) and the bump toward smaller rates when it is < 0. A per-element
+    bump scale may come from a transform before it (``x.scratch["bump_scale"]``, spatial awareness).
+    Either makes the transform per-tensor only."""
+
     name = "lr_mask"
+
+    def __init__(self, d_coef: bool = False, bump_scale: bool = False) -> None:
+        self.d_coef, self.bump_scale = d_coef, bump_scale
+        self.has_foreach = not (d_coef or bump_scale)
 
     def state_specs(self, hp: dict) -> tuple[StateSpec, ...]:
         start = min(max(initial_lr(hp), hp["min_lr"]), hp["max_lr"]) / hp["max_lr"]
@@ -41,7 +51,15 @@ class LRMask(Transform):
         mask = stored.to(x.p.dtype)  # the fused kernel gets the fp16 storage itself
         mag = mask.abs()
         bump = hp["lr_bump"] / hp["max_lr"]
-        moved = torch.where((mask > 0) == positive, mag + bump, mag - bump)
+        up = down = bump
+        if self.bump_scale:
+            up = down = bump * x.scratch["bump_scale"]
+        if self.d_coef:
+            c = -(x.g * x.p).sum()
+            early = t < hp["warmup_steps"] / 2
+            up = up * torch.where(early & (c > 0), hp["d_coef"], torch.ones_like(c))
+            down = down * torch.where(early & (c < 0), hp["d_coef"], torch.ones_like(c))
+        moved = torch.where((mask > 0) == positive, mag + up, mag - down)
         moved = moved.clamp_min(hp["min_lr"] / hp["max_lr"]).clamp_max(1.0)
         mag = torch.where((t > 1) & (t <= hp["warmup_steps"]), moved, mag)  # adapt during warm-up
         stored.copy_(torch.where(t <= hp["warmup_steps"], torch.where(positive, mag, -mag), mask))

@@ -19,6 +19,8 @@ Shapes: any; per-tensor reductions only. State: none.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..core.chain import Bucket, Slot, Transform
@@ -54,7 +56,15 @@ class Cautious(Transform):
 
 
 class Grams(Transform):
+    """``blend=None``: the paper's ``|u| * sign(g)``. ``blend="beta1_decay"`` (the Automagic
+    family, ALGORITHMS.md §2.5): ``a * |u| * sign(g) + (1 - a) * u`` with ``a = hp[blend]**t``, so
+    Grams fades out as training matures."""
+
     name = "grams"
+
+    def __init__(self, blend: Optional[str] = None) -> None:
+        self.blend = blend
+        self.has_foreach = blend is None
 
     def foreach(self, b: Bucket) -> None:
         u = b.update()
@@ -62,4 +72,27 @@ class Grams(Transform):
         torch._foreach_mul_(u, torch._foreach_sign(b.grads))
 
     def math(self, x: Slot) -> None:
-        x.u = x.u.abs() * x.g.sign()
+        signed = x.u.abs() * x.g.sign()
+        if self.blend is None:
+            x.u = signed
+        else:
+            a = x.hp[self.blend] ** x.t
+            x.u = signed * a + x.u * (1 - a)
+
+
+class Background(Transform):
+    """Background regularisation (Automagic_CameAMP_Improved, ALGORITHMS.md §2.17), opt-in
+    heuristic: a tensor whose (processed) gradient is nearly constant -- variance below
+    ``background_threshold`` (1e-3) times its mean square, a scale-free test -- is treated as
+    "background" and its update halved. The original compared the raw variance with 1e-6, which a
+    normalised gradient practically never reaches (defect 58), with a host sync per tensor."""
+
+    name = "background"
+    has_foreach = False
+
+    def math(self, x: Slot) -> None:
+        g = x.g.reshape(-1)
+        mean_sq = g.square().mean()
+        var = mean_sq - g.mean().square()
+        flat = var < 1e-3 * mean_sq
+        x.u = x.u * torch.where(flat, 0.5, 1.0).to(x.u.dtype)

@@ -108,3 +108,52 @@ class ScaleByADOPT(Transform):
         m.copy_(torch.where(first, m, m * beta1 + n * (1 - beta1)))
         v.copy_(torch.where(first, g * g, v * beta2 + g * g * (1 - beta2)))
         x.u = torch.where(first, torch.zeros_like(m), m)
+
+
+class ConsistencyMomentum(Transform):
+    """The Automagic_CameAMP family's momentum (ALGORITHMS.md §2.23): an EMA whose coefficient
+    decays with the step, ``beta1_t = max(beta1 * beta1_decay**t, 0.4)``, so the momentum
+    shortens as training matures:
+
+        m <- beta1_t * m + (1 - beta1_t) * input;   update = m
+
+    The input is the normalised gradient (or TAM's damped one). One rule for the whole run: the
+    originals summed without (1 - beta) before half the warm-up and switched to this EMA after,
+    a ~5x jump in the update's size (defect 35). State: ``exp_avg``."""
+
+    name = "consistency_momentum"
+    has_foreach = False
+
+    def state_specs(self, hp: dict) -> tuple[StateSpec, ...]:
+        return (MOMENTS[0],)
+
+    def math(self, x: Slot) -> None:
+        beta = torch.clamp_min(x.hp["betas"][0] * x.hp["beta1_decay"] ** x.t, 0.4)
+        m = x.st["exp_avg"]
+        m.copy_(m * beta + x.momentum_input * (1 - beta))
+        x.u = m
+
+
+class DualMomentum(Transform):
+    """Dual momentum (Automagic_CameAMP_Improved, ALGORITHMS.md §2.24), repaired: a long-term EMA
+    of the same input as the short momentum, bias-corrected, mixed into the update:
+
+        L <- long_term_beta * L + (1 - long_term_beta) * input
+        update = (1 - alpha) * m + alpha * L / (1 - long_term_beta**t),  alpha = alpha_mix_ratio
+
+    ``alpha_mix_ratio=None`` means 0.5. The original summed without (1 - beta), mixed with
+    alpha = 20, and overwrote the short momentum with the mix (defect 49); here both momenta keep
+    their own meaning. Runs after the short momentum. State: ``exp_avg_long``."""
+
+    name = "dual_momentum"
+    has_foreach = False
+
+    def state_specs(self, hp: dict) -> tuple[StateSpec, ...]:
+        return (StateSpec("exp_avg_long", signed=True),)
+
+    def math(self, x: Slot) -> None:
+        beta = x.hp["long_term_beta"]
+        alpha = x.hp.get("alpha_mix_ratio", 0.5)
+        long = x.st["exp_avg_long"]
+        long.copy_(long * beta + x.momentum_input * (1 - beta))
+        x.u = x.u * (1 - alpha) + long * (alpha / (1 - beta ** x.t))

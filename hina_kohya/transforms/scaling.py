@@ -14,9 +14,11 @@ LyCORIS produces actually paired, defect 12). Computed on the device, no host sy
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from ..core.chain import Bucket, Transform
+from ..core.chain import Bucket, Slot, StateSpec, Transform
 
 
 def _initial_lr(group: dict) -> float:
@@ -97,3 +99,54 @@ class LoKrScale(Transform):
         opt._derived["lokr_scales"] = (opt.step_count, out)
         return out
 
+
+
+class RowScaling(Transform):
+    """ALLoRA row scaling (Huang & Balestriero 2024, "ALLoRA", arXiv 2410.09692), the
+    Automagic_CameAMP family's ``full_finetune=False`` rule: each row's update is scaled by
+
+        rho_row = 1 / sqrt(||theta_row||**2 + 1 / eta**2)      (eta = ``eta``, default 2)
+
+    recomputed from the current weights every step (the original computed it once at init, with an
+    unsquared norm, defect 38), for adapter factors with two or more dims -- every such tensor
+    when names are unknown. A zero-initialised row (LoRA B) gets ``eta``; rows that grew get less.
+    Rows are dim 0 of the tensor. The row count comes from the state ``rows_key`` of another
+    transform when it has one row per matrix row (CAME's ``came_v_row``: no extra memory), or from a
+    small state of its own (``row_scale``, the last rho)."""
+
+    name = "row_scaling"
+    has_foreach = False
+
+    def __init__(self, rows_key: Optional[str] = None) -> None:
+        self.rows_key = rows_key
+
+    def state_specs(self, hp: dict) -> tuple[StateSpec, ...]:
+        if self.rows_key is not None:
+            return ()
+        return (StateSpec("row_scale", quantizable=False, shape=lambda p: (p.shape[0],) if p.dim() >= 2 else None,
+                          applies=_adapter_or_unknown),)
+
+    def prepare(self, b: Bucket) -> None:
+        if self.rows_key is None:
+            return  # the state exists exactly where the scaling applies
+        one = torch.ones((), dtype=b.compute_dtype, device=b.params[0].device)
+        zero = torch.zeros_like(one)
+        b.extras["row_on"] = [one if p.dim() >= 2 and _adapter_or_unknown(r) else zero
+                              for p, r in zip(b.params, b.roles)]
+
+    def math(self, x: Slot) -> None:
+        ref = x.st.get(self.rows_key or "row_scale")
+        if ref is None:
+            return
+        rows = ref.shape[0]
+        w = x.p.reshape(rows, -1)
+        rho = torch.rsqrt(w.square().sum(dim=1) + 1.0 / x.hp["eta"] ** 2)
+        if self.rows_key is None:
+            ref.copy_(rho)
+        else:  # borrowed row count: 1-D tensors and non-adapters have it too, and are not scaled
+            rho = torch.where(x.extra["row_on"] > 0, rho, torch.ones_like(rho))
+        x.u = (x.u.reshape(rows, -1) * rho.unsqueeze(1)).reshape(x.u.shape)
+
+
+def _adapter_or_unknown(role) -> bool:
+    return role is None or role.adapter
