@@ -52,9 +52,9 @@ class Context:
         self.signal_is_loss: Optional[bool] = None
 
     def _init(self, device: torch.device) -> None:
-        z = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=device)  # noqa: E731
+        z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
         self.t = {"history": z(self.window), "count": z(), "ema": z(len(SCALES)), "ema_weight": z(len(SCALES)),
-                  "stagnant": z(), "multiplier": torch.ones((), device=device), "edge_cases": z(),
+                  "stagnant": z(), "multiplier": torch.ones((), dtype=torch.float64, device=device), "edge_cases": z(),
                   "last_edge": z()}
 
     @property
@@ -62,7 +62,7 @@ class Context:
         return self.t.get("multiplier")
 
     def update(self, signal: Tensor, is_loss: bool) -> None:
-        s = signal.detach().float().reshape(())
+        s = signal.detach().double().reshape(())  # a few scalars: float64 costs nothing
         if not self.t:
             self._init(s.device)
         c = self.t
@@ -72,12 +72,12 @@ class Context:
         c["history"].index_copy_(0, idx, s.reshape(1))
         c["count"].add_(1)
         n = torch.clamp(c["count"], max=float(self.window))
-        valid = (torch.arange(self.window, device=s.device) < n).float()
+        valid = (torch.arange(self.window, device=s.device) < n).double()
         mean = (c["history"] * valid).sum() / n
         std = (((c["history"] - mean) * valid).square().sum() / n).sqrt()
         cv = std / mean.abs().clamp_min(_TINY)
         stability = torch.exp(-cv)
-        rates = torch.tensor([1.0 / k for k in SCALES], device=s.device)
+        rates = torch.tensor([1.0 / k for k in SCALES], dtype=torch.float64, device=s.device)
         c["ema"].mul_(1 - rates).add_(rates * s)
         c["ema_weight"].mul_(1 - rates).add_(rates)
         ema = c["ema"] / c["ema_weight"].clamp_min(_TINY)
@@ -89,8 +89,8 @@ class Context:
                   * torch.where(edge, 0.6 + 0.4 * stability, torch.ones_like(stability)))
         target = torch.where(c["count"] >= 5, torch.clamp(target, 0.5, 3.0), torch.ones_like(target))
         c["multiplier"].add_(self.adaptation_rate * (target - c["multiplier"]))
-        c["edge_cases"].add_(edge.float())
-        c["last_edge"].copy_(edge.float())
+        c["edge_cases"].add_(edge.double())
+        c["last_edge"].copy_(edge.double())
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -103,7 +103,7 @@ class Context:
         if int(sd.get("window", self.window)) != self.window:
             raise ValueError(f"the checkpoint's C-Optim context_window is {sd['window']}, this optimizer's is "
                              f"{self.window}: pass context_window={sd['window']} to resume it")
-        self.t = {k: sd[k].detach().float().clone() for k in self.KEYS if k in sd}
+        self.t = {k: sd[k].detach().double().clone() for k in self.KEYS if k in sd}
         if len(self.t) != len(self.KEYS):
             self.t = {}
         flag = int(sd.get("signal_is_loss", -1))
