@@ -51,7 +51,7 @@ def _run_against_reference(cls, steps=14, fused=False, losses=False, **kw):
         rate = 1.0
         if context is not None:
             if losses:
-                opt.set_loss(torch.tensor(loss))
+                opt.set_loss(torch.tensor(loss, dtype=torch.float64))
                 rate = context.update(loss)
             else:
                 rate = context.update(math.sqrt(sum(float((g * g).sum()) for g in grads)))

@@ -54,14 +54,21 @@ CANDIDATES: dict[str, tuple[str, Callable]] = {
     "adaptive_hina_adamw": ("AdaptiveHinaAdamW, defaults, fp32 state", _recipe("AdaptiveHinaAdamW", "fp32")),
     "adaptive_hina_adamw_8bit": ("AdaptiveHinaAdamW, defaults, 8-bit state",
                                  _recipe("AdaptiveHinaAdamW", "8bit")),
+    "automagic_cameamp": ("Automagic_CameAMP, defaults, fp32 state", _recipe("Automagic_CameAMP", "fp32")),
+    "automagic_cameamp_8bit": ("Automagic_CameAMP8bit, defaults", _recipe("Automagic_CameAMP", "8bit")),
+    "automagic_cameamp_coptim": ("Automagic_CameAMP_COptim, defaults, fp32 state",
+                                 _recipe("Automagic_CameAMP_COptim", "fp32")),
+    "automagic_cameamp_improved": ("Automagic_CameAMP_Improved, defaults, fp32 state",
+                                   _recipe("Automagic_CameAMP_Improved", "fp32")),
     "hina_adamw_eager": ("HinaAdamW, defaults, fp32 state, eager (fused=False)",
                          _recipe("HinaAdamW", "fp32", fused=False)),
     "adaptive_hina_adamw_eager": ("AdaptiveHinaAdamW, defaults, fp32 state, eager (fused=False)",
                                   _recipe("AdaptiveHinaAdamW", "fp32", fused=False)),
 }
 DEFAULT_CANDIDATES = ("adamw_fused", "bnb_adamw8bit", "hina_adamw_plain", "hina_adamw_plain_8bit", "hina_adamw",
-                      "hina_adamw_8bit", "adaptive_hina_adamw", "adaptive_hina_adamw_8bit", "hina_adamw_eager",
-                      "adaptive_hina_adamw_eager")
+                      "hina_adamw_8bit", "adaptive_hina_adamw", "adaptive_hina_adamw_8bit", "automagic_cameamp",
+                      "automagic_cameamp_8bit", "automagic_cameamp_coptim", "automagic_cameamp_improved",
+                      "hina_adamw_eager", "adaptive_hina_adamw_eager")
 
 
 @dataclass
