@@ -96,3 +96,30 @@ def train(model: TinyLoRANet, opt, steps: int, start: int = 0, scheduler=None) -
 
 def params_of(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
+
+
+def roundtrip(sd: dict) -> dict:
+    """torch.save then torch.load(weights_only=True), as accelerate resumes a checkpoint."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def assert_resume_exact(make_opt, seed: int, steps: int, split: int) -> dict:
+    """Train ``steps`` steps uninterrupted, and ``split`` + save/load + the rest on a twin model;
+    the parameters must be bit-identical. Returns the saved state dict."""
+    full = TinyLoRANet(seed)
+    train(full, make_opt(full.groups()), steps)
+    part = TinyLoRANet(seed)
+    opt = make_opt(part.groups())
+    train(part, opt, split)
+    sd = roundtrip(opt.state_dict())
+    resumed = make_opt(part.groups())
+    resumed.load_state_dict(sd)
+    train(part, resumed, steps - split, start=split)
+    for a, b in zip(params_of(full), params_of(part)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    return sd

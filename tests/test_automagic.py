@@ -1,6 +1,5 @@
 """The Automagic_CameAMP family: float64 references, training, resume, config API, defects."""
 
-import io
 import math
 
 import pytest
@@ -13,7 +12,7 @@ from hina_kohya import (Automagic_CameAMP, Automagic_CameAMP8bit, Automagic_Came
 from hina_kohya.transforms.came import factored_ema
 from hina_kohya.transforms.phase import phase_index
 from hina_kohya.transforms.spatial import EdgeSuppression, FrequencyPenalty, LowRankPenalty
-from helpers import TinyLoRANet, batch, params_of, train
+from helpers import TinyLoRANet, assert_resume_exact, batch, params_of, train
 from reference import automagic_reference as ref
 from standins import lycoris_network
 
@@ -21,13 +20,6 @@ FAMILY = [Automagic_CameAMP, Automagic_CameAMP8bit, Automagic_CameAMP_COptim, Au
           Automagic_CameAMP_Improved]
 ALL_ON = dict(edge_suppression=True, background_regularization=True, spatial_awareness=True,
               frequency_penalty=0.05, lora_rank_penalty=True)
-
-
-def _roundtrip(sd):
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 # -- float64 references -------------------------------------------------------------------------
@@ -178,17 +170,7 @@ def test_resume_continues_exactly(cls, precision):
     context) survives save -> torch.load(weights_only=True) -> load; the original 8-bit recipe
     raised KeyError on the first step after a resume (defect 40)."""
     kw = dict(lr=1e-2, max_lr=5e-2, warmup_steps=12, state_precision=precision, min_8bit_size=16)
-    full = TinyLoRANet(1)
-    train(full, cls(full.groups(), **kw), 24)
-    part = TinyLoRANet(1)
-    opt = cls(part.groups(), **kw)
-    train(part, opt, 9)
-    sd = _roundtrip(opt.state_dict())
-    opt2 = cls(part.groups(), **kw)
-    opt2.load_state_dict(sd)
-    train(part, opt2, 15, start=9)
-    for a, b in zip(params_of(full), params_of(part)):
-        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    sd = assert_resume_exact(lambda groups: cls(groups, **kw), seed=1, steps=24, split=9)
     if cls is Automagic_CameAMP_COptim:
         assert float(sd["hina_context"]["count"]) == 9
 
