@@ -35,6 +35,10 @@ index space (DESIGN.md §4); ``frequency_penalty`` is its own switch (0 = off, t
 ran whenever ``spatial_awareness`` was on); ``context_window`` / ``edge_threshold`` /
 ``adaptation_rate`` are numbers (the originals' were 1-tuples by accident), with the C-Optim
 module's own defaults 50 / 0.9 / 0.1; ``tam_beta`` (0.9, the originals' fixed value) is exposed.
+``low_rank_emphasis``, ``detail_preservation``, ``enable_cache``, ``max_cache_size`` and
+``use_approximate_svd`` are accepted so existing argument strings keep working, and have no effect:
+their only uses in the originals were the TAM state growth that froze training (defect 48), unused
+buffers (defect 57) and caches this implementation does not need.
 """
 
 from __future__ import annotations
