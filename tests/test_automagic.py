@@ -353,3 +353,17 @@ def test_log_dict_reports_masks_phase_and_c_optim():
     assert 0 < d["hina/lr_mask/min"] <= d["hina/lr_mask/mean"] <= d["hina/lr_mask/max"]
     info = opt.get_optimization_info()
     assert info["phase"] == "stable" and info["config"]["warmup_steps"] == 4
+
+
+@pytest.mark.parametrize("cls", [Automagic_CameAMP, Automagic_CameAMP_COptim, Automagic_CameAMP_Improved])
+def test_step_makes_no_host_syncs(cls):  # defect 69: .item() per parameter per step in the originals
+    from hina_kohya.bench.syncs import count_host_syncs
+
+    m = TinyLoRANet(0)
+    opt = cls(m.groups(), lr=1e-3, warmup_steps=10, **(ALL_ON if cls is Automagic_CameAMP_Improved else {}))
+    train(m, opt, 3)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    with count_host_syncs() as syncs:
+        opt.step()
+    assert syncs.count == 0, syncs.by_method
