@@ -87,7 +87,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         # an explicit foreach=False asks for the reference path: it is not fused
         self.fused = (fused_mod.fused_default() if foreach is None else False) if fused is None else bool(fused)
         self._kernels: dict[int, tuple] = {}
-        self._plans: dict[tuple, tuple] = {}  # param group -> kept kernel-call plan (_chunk_plan)
+        self._plans: dict[int, tuple] = {}  # bucket (its first flat index) -> kept kernel-call plan
         self.bf16_rounding = bf16_rounding
         self.master_weights = bool(master_weights)
         self.resume_hparams = resume_hparams
@@ -386,11 +386,11 @@ class HinaOptimizer(torch.optim.Optimizer):
         a non-contiguous gradient is read through a contiguous copy)."""
         kernels, layout, keys = fused
         hp_values = layout.values(b.hp)
-        plan, eager = self._chunk_plan((kernels["gi"], b.indices[0]), b, states, targets, keys)
+        plan, eager = self._chunk_plan(b, states, targets, keys)
+        extra_keys = tuple(b.extras)
         done = 0
         for idx, flat_params, flat_states in plan:
             k = len(idx)
-            extra_keys = tuple(b.extras)
             if (k, extra_keys) not in kernels:
                 kernels[(k, extra_keys)] = fused_mod.make_kernel(kernels["chain"], layout, keys, k,
                                                                  self.skip_nonfinite, extra_keys)
@@ -410,17 +410,18 @@ class HinaOptimizer(torch.optim.Optimizer):
                 kept[i] = out[j]
         return eager
 
-    def _chunk_plan(self, plan_key: tuple, b: Bucket, states: list[dict], targets: list[Tensor],
+    def _chunk_plan(self, b: Bucket, states: list[dict], targets: list[Tensor],
                     keys: tuple[str, ...]) -> tuple[list[tuple[list[int], list, list]], list[int]]:
         """The kernel calls of a bucket: per chunk its indices and the flat aliases of its
         parameters and states, plus the indices left for the eager path. When every tensor is
         persistent (the parameters themselves, states stored in the compute dtype) the plan is
         kept and reused while the same tensor objects come back (it holds them, so their ids
-        cannot be reused); rebuilding it is ~10 ms per step on the sd15 set."""
+        cannot be reused); rebuilding it is ~10 ms per step on the sd15 set. Buckets partition
+        the flat parameter indices, so a bucket's first index identifies it."""
         objs = targets + [v for k in keys for v in b.state[k]]
         # a trainer may re-point ``p.data`` (a dtype cast, a device move): the storage is checked too
         ids = list(map(id, objs)) + [t.data_ptr() for t in targets]
-        cached = self._plans.get(plan_key)
+        cached = self._plans.get(b.indices[0])
         if cached is not None and cached[0] == ids:
             return cached[2], cached[3]
         persistent = all(t is p for t, p in zip(targets, b.params)) and all(
@@ -434,7 +435,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         in_plan = set(ok)
         eager = [i for i in range(len(b)) if i not in in_plan]
         if persistent:
-            self._plans[plan_key] = (ids, objs, plan, eager)
+            self._plans[b.indices[0]] = (ids, objs, plan, eager)
         return plan, eager
 
     def _run_fused(self, gi: int, b: Bucket, states: list[dict], chain: Chain) -> bool:
@@ -442,7 +443,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         fused = self._kernels.get(gi)
         if fused is None:
             layout, keys = fused_mod.Layout(b.hp), tuple(b.state)
-            fused = ({"chain": chain, "gi": gi}, layout, keys)  # kernels by chunk size, made on demand
+            fused = ({"chain": chain}, layout, keys)  # kernels by (chunk size, extra keys), made on demand
             self._kernels[gi] = fused
         try:
             self._run_per_tensor(b, states, chain.transforms, fused)
