@@ -114,7 +114,17 @@ class SelectiveProjectionDecay(Transform):
                 x.sub_(d * k)
 
 
-class AdaptiveWeightDecay(Transform):
+class NoDecoupledDecay(Transform):
+    """Turns the engine's decoupled weight decay off for a recipe whose ``weight_decay`` feeds
+    another technique (Automagic_CameAMP_Improved: SPD's strength)."""
+
+    name = "no_decoupled_decay"
+
+    def prepare(self, b: Bucket) -> None:
+        b.decay_scale = [0.0] * len(b)
+
+
+class AdaptiveWeightDecay(NoDecoupledDecay):
     """The Automagic_CameAMP family's adaptive weight decay (ALGORITHMS.md §2.14), repaired.
 
     Tensors whose gradients are larger than the group's typical gradient decay more:
@@ -138,7 +148,7 @@ class AdaptiveWeightDecay(Transform):
     has_foreach = False
 
     def prepare(self, b: Bucket) -> None:
-        b.decay_scale = [0.0] * len(b)
+        super().prepare(b)  # the decay goes through the update instead
         l1 = torch._foreach_norm(b.grads, 1)
         l2 = torch._foreach_norm(b.grads, 2)
         n = float(sum(g.numel() for g in b.grads))
@@ -152,12 +162,3 @@ class AdaptiveWeightDecay(Transform):
         x.upd_scale = None
         x.u = u + x.p * (x.hp["weight_decay"] * x.extra["awd_k"])
 
-
-class NoDecoupledDecay(Transform):
-    """Turns the engine's decoupled weight decay off for a recipe whose ``weight_decay`` feeds
-    another technique (Automagic_CameAMP_Improved: SPD's strength)."""
-
-    name = "no_decoupled_decay"
-
-    def prepare(self, b: Bucket) -> None:
-        b.decay_scale = [0.0] * len(b)

@@ -82,8 +82,8 @@ class Grams(Transform):
 
 class Background(Transform):
     """Background regularisation (Automagic_CameAMP_Improved, ALGORITHMS.md §2.17), opt-in
-    heuristic: a tensor whose (processed) gradient is nearly constant -- variance below
-    ``background_threshold`` (1e-3) times its mean square, a scale-free test -- is treated as
+    heuristic: a tensor whose (processed) gradient is nearly constant -- variance below 1e-3
+    times its mean square, a scale-free test -- is treated as
     "background" and its update halved. The original compared the raw variance with 1e-6, which a
     normalised gradient practically never reaches (defect 58), with a host sync per tensor."""
 
