@@ -46,8 +46,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -161,7 +160,7 @@ class OptimizerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "OptimizerConfig":
-        check_fields(cls, d, "OptimizerConfig")
+        check_fields(d, set(_FIELDS), "OptimizerConfig")
         return cls(**d)
 
     def to_toml(self) -> str:
@@ -183,8 +182,12 @@ ImprovedOptimizerConfig = OptimizerConfig
 _FIELDS = tuple(f.name for f in dataclasses.fields(OptimizerConfig))
 
 
-def check_fields(cls: type, d: dict, owner: str) -> None:
-    known = set(_FIELDS) | set(ENGINE_OPTIONS) | {"regularizers", "config"}
+#: what a recipe's constructor accepts as keywords
+_RECIPE_KEYS = set(_FIELDS) | set(ENGINE_OPTIONS) | {"regularizers", "config"}
+
+
+def check_fields(d: dict, known: set, owner: str) -> None:
+    """Raise a TypeError naming the first unknown key of ``d``, with the closest known ones."""
     for key in d:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=3)
@@ -201,7 +204,7 @@ class _AutomagicBase(HinaOptimizer):
     def __init__(self, params: Iterable, config: Optional[OptimizerConfig] = None,
                  regularizers: Sequence[RegularizationStrategy] = (), **kwargs: Any) -> None:
         owner = type(self).__name__
-        check_fields(type(self), kwargs, owner)
+        check_fields(kwargs, _RECIPE_KEYS, owner)
         engine = {k: kwargs.pop(k) for k in list(kwargs) if k in ENGINE_OPTIONS and k != "state_precision"}
         if config is not None and not isinstance(config, OptimizerConfig):
             raise TypeError(f"{owner}: config must be an OptimizerConfig, not {type(config).__name__}")
@@ -382,8 +385,14 @@ class Automagic_CameAMP_Improved(_AutomagicBase):  # noqa: N801
 
 
 def _with_config_signature(cls: type) -> None:
-    """Give the constructor an explicit signature (the config's fields and the engine options) so
-    argument checking and ``help()`` see every setting."""
+    """Give the recipe a constructor of its own with an explicit signature (the config's fields
+    and the engine options), so argument checking and ``help()`` see every setting; the inherited
+    constructor is shared, so its signature cannot be set in place."""
+    base_init = cls.__init__
+
+    def __init__(self, params, config=None, regularizers=(), **kwargs):  # noqa: N807
+        base_init(self, params, config, regularizers, **kwargs)
+
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
               inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),
               inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
@@ -394,12 +403,13 @@ def _with_config_signature(cls: type) -> None:
     for name in ENGINE_OPTIONS:
         if name != "state_precision" and name in sig.parameters:
             params.append(sig.parameters[name].replace(kind=inspect.Parameter.KEYWORD_ONLY))
-    cls.__init__.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    __init__.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    __init__.__doc__ = cls.__doc__
+    __init__.__qualname__ = f"{cls.__name__}.__init__"
+    cls.__init__ = __init__
 
 
 for _cls in (Automagic_CameAMP, Automagic_CameAMP_COptim, Automagic_CameAMP_Improved):
-    _cls.__init__ = (lambda base: (lambda self, params, config=None, regularizers=(), **kw:
-                                   base(self, params, config, regularizers, **kw)))(_cls.__init__)
     _with_config_signature(_cls)
 
 #: the documented presets of the factories (the refactored original's), overridable
