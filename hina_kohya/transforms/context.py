@@ -50,6 +50,7 @@ class Context:
         self.window, self.edge_threshold, self.adaptation_rate = int(window), float(edge_threshold), float(adaptation_rate)
         self.t: dict[str, Tensor] = {}
         self.signal_is_loss: Optional[bool] = None
+        self._consts: Optional[tuple[Tensor, Tensor]] = None  # EMA rates and ring slots, per device
 
     def _init(self, device: torch.device) -> None:
         z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
@@ -71,13 +72,13 @@ class Context:
         idx = torch.remainder(c["count"], self.window).long().reshape(1)
         c["history"].index_copy_(0, idx, s.reshape(1))
         c["count"].add_(1)
+        rates, slots = self._constants(s.device)
         n = torch.clamp(c["count"], max=float(self.window))
-        valid = (torch.arange(self.window, device=s.device) < n).double()
+        valid = (slots < n).double()
         mean = (c["history"] * valid).sum() / n
         std = (((c["history"] - mean) * valid).square().sum() / n).sqrt()
         cv = std / mean.abs().clamp_min(_TINY)
         stability = torch.exp(-cv)
-        rates = torch.tensor([1.0 / k for k in SCALES], dtype=torch.float64, device=s.device)
         c["ema"].mul_(1 - rates).add_(rates * s)
         c["ema_weight"].mul_(1 - rates).add_(rates)
         ema = c["ema"] / c["ema_weight"].clamp_min(_TINY)
@@ -91,6 +92,14 @@ class Context:
         c["multiplier"].add_(self.adaptation_rate * (target - c["multiplier"]))
         c["edge_cases"].add_(edge.double())
         c["last_edge"].copy_(edge.double())
+
+    def _constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The EMA rates 1/k and the ring buffer's slot numbers, built once per device (not a
+        host-to-device copy every step)."""
+        if self._consts is None or self._consts[0].device != device:
+            self._consts = (torch.tensor([1.0 / k for k in SCALES], dtype=torch.float64, device=device),
+                            torch.arange(self.window, device=device))
+        return self._consts
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
