@@ -1,26 +1,18 @@
 """HinaAdamW and AdaptiveHinaAdamW: behaviour, defects of the originals not reproduced, resume."""
 
-import io
 import math
 
 import pytest
 import torch
 
 from hina_kohya import AdaptiveHinaAdamW, HinaAdamW
-from helpers import TECHNIQUES_OFF, TinyLoRANet, params_of, train
+from helpers import TECHNIQUES_OFF, TinyLoRANet, params_of, roundtrip, train
 from standins import lycoris_network
 
 RECIPES = [HinaAdamW, AdaptiveHinaAdamW]
 ADAPTIVE_OFF = {k: v for k, v in TECHNIQUES_OFF.items() if k != "use_alora"}
 ALL_ON = dict(use_spd=True, use_cautious=True, use_orthogonal_grad=True, use_adopt_stability=True, use_grams=True,
               use_agr=True, use_tam=True, dynamic_weight_decay=True)
-
-
-def _roundtrip(sd):
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def _lokr_net(seed=0):
@@ -240,7 +232,7 @@ def test_spd_anchor_for_full_weights_only_and_saved():  # defect 6
     opt.step()
     assert "spd_anchor" in opt.state[full]
     assert all("spd_anchor" not in opt.state[p] for p in m.parameters() if p in opt.state)  # adapters: anchor 0
-    sd = _roundtrip(opt.state_dict())
+    sd = roundtrip(opt.state_dict())
     idx = [i for g in sd["param_groups"] for i, n in zip(g["params"], g["param_names"]) if n == "model.layer.weight"]
     assert "spd_anchor" in sd["state"][idx[0]]
 
@@ -345,7 +337,7 @@ def test_resume_with_all_techniques_continues_exactly(cls, precision):
     groups = part.groups() + [{"params": [w], "param_names": ["model.w"]}]
     opt = cls(groups, **kw)
     train(part, opt, 13)
-    sd = _roundtrip(opt.state_dict())
+    sd = roundtrip(opt.state_dict())
     opt2 = cls(groups, **kw)
     opt2.load_state_dict(sd)
     train(part, opt2, 17, start=13)
@@ -384,7 +376,7 @@ def test_diagnostics_work_after_a_resume(cls):
     opt = cls(m.groups(), **kw)
     train(m, opt, 5)
     opt2 = cls(m.groups(), **kw)
-    opt2.load_state_dict(_roundtrip(opt.state_dict()))
+    opt2.load_state_dict(roundtrip(opt.state_dict()))
     info = opt2.get_optimization_info()
     assert info["training_stats"]["global_step"] == 5
     if cls is HinaAdamW:

@@ -1,19 +1,11 @@
 """Checkpoints: weights-only loading, exact continuation, trainer casts, remapping by name."""
 
-import io
 import warnings
 
 import pytest
 import torch
 
-from helpers import TinyLoRANet, assert_resume_exact, params_of, plain_hina, train
-
-
-def _roundtrip(sd):
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
+from helpers import TinyLoRANet, assert_resume_exact, params_of, plain_hina, roundtrip, train
 
 
 def _cast_like_accelerate(sd, model_params):
@@ -49,7 +41,7 @@ def test_accelerate_round_trip_before_and_during_training(precision):
     o = plain_hina(m.groups(), **kw)
     o.load_state_dict(_cast_like_accelerate(o.state_dict(), m.parameters()))  # prepare(): before step 1
     train(m, o, 10)
-    sd = _cast_like_accelerate(_roundtrip(o.state_dict()), [p for g in o.param_groups for p in g["params"]])
+    sd = _cast_like_accelerate(roundtrip(o.state_dict()), [p for g in o.param_groups for p in g["params"]])
     o2 = plain_hina(m.groups(), **kw)
     o2.load_state_dict(sd)
     train(m, o2, 10, start=10)
@@ -65,7 +57,7 @@ def test_resume_into_another_precision_converts_state():
     o = plain_hina(m.groups(), state_precision="fp32")
     train(m, o, 5)
     o8 = plain_hina(m.groups(), state_precision="8bit", min_8bit_size=16)
-    o8.load_state_dict(_roundtrip(o.state_dict()))
+    o8.load_state_dict(roundtrip(o.state_dict()))
     p = m.layers[0].lora_down.weight
     assert o8.state[p]["exp_avg"].dtype == torch.uint8
     restored = o8.store.read(o8.state[p], o8.chain_for(0).state_specs(o8.param_groups[0])[0], torch.float32)
@@ -76,7 +68,7 @@ def test_remap_by_name_when_order_changes():
     m = TinyLoRANet(6)
     o = plain_hina(m.groups(), lr=1e-2)
     train(m, o, 5)
-    sd = _roundtrip(o.state_dict())
+    sd = roundtrip(o.state_dict())
     # new run: same parameters, groups listed in the opposite order and reversed inside
     groups = m.groups()[::-1]
     for g in groups:
@@ -98,7 +90,7 @@ def test_added_and_removed_parameters_are_reported():
     m = TinyLoRANet(7)
     o = plain_hina(m.groups())
     train(m, o, 3)
-    sd = _roundtrip(o.state_dict())
+    sd = roundtrip(o.state_dict())
     groups = m.groups()
     gone = groups[1]["param_names"].pop(0)
     groups[1]["params"].pop(0)
@@ -117,7 +109,7 @@ def test_changed_shape_starts_fresh_and_is_reported():
     m = TinyLoRANet(8)
     o = plain_hina(m.groups())
     train(m, o, 3)
-    sd = _roundtrip(o.state_dict())
+    sd = roundtrip(o.state_dict())
     m2 = TinyLoRANet(8, dims=(16, 32, 24, 10))  # last layer changed shape, same names
     o2 = plain_hina(m2.groups())
     with pytest.warns(UserWarning, match="changed shape"):
@@ -144,7 +136,7 @@ def test_resume_hparams_rule(rule):
     o = plain_hina(m.groups(), betas=(0.9, 0.99))
     train(m, o, 2)
     o2 = plain_hina(m.groups(), betas=(0.8, 0.9), resume_hparams=rule)
-    o2.load_state_dict(_roundtrip(o.state_dict()))
+    o2.load_state_dict(roundtrip(o.state_dict()))
     assert o2.param_groups[0]["betas"] == ((0.9, 0.99) if rule == "saved" else (0.8, 0.9))
 
 
@@ -152,7 +144,7 @@ def test_state_dict_is_weights_only_safe_with_names():
     m = TinyLoRANet(11)
     o = plain_hina(m.groups(), state_precision="8bit", min_8bit_size=16)
     train(m, o, 2)
-    sd = _roundtrip(o.state_dict())
+    sd = roundtrip(o.state_dict())
     assert sd["param_groups"][0]["param_names"][0].startswith("lora_unet_layer_")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
