@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import torch
 from torch import nn
 
@@ -100,8 +102,6 @@ def params_of(model: nn.Module) -> list[torch.Tensor]:
 
 def roundtrip(sd: dict) -> dict:
     """torch.save then torch.load(weights_only=True), as accelerate resumes a checkpoint."""
-    import io
-
     buf = io.BytesIO()
     torch.save(sd, buf)
     buf.seek(0)
