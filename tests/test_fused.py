@@ -153,3 +153,19 @@ def test_each_kernel_has_its_own_code_object():
     kb = [v for k, v in b._kernels[0][0].items() if isinstance(k, tuple)]
     codes = {getattr(k, "_torchdynamo_orig_callable", k).__code__ for k in ka + kb}
     assert len(codes) == len(ka) + len(kb)
+
+
+def test_chunks_never_mix_shape_classes():
+    """Each chunk holds tensors of one shape class (length, rows and columns of the matrix view
+    above or below 4096, dims of size 1): mixing them multiplies compiled variants past dynamo's
+    limit, after which it silently runs eagerly (found with the factored CAME statistics)."""
+    shapes = [(16, 320), (320, 16), (1, 5000), (5000,), (8, 4100), (4100, 2), (3,), (16, 320), (320, 16), (7, 1)]
+    ts = [torch.zeros(s) for s in shapes]
+    classes = [fused_mod.shape_class(t) for t in ts]
+    assert classes[0] != classes[4] and classes[2] == classes[3]  # a row vector is a 1-D tensor here
+    assert classes[0][3:] == (False, False) and classes[4][4] and classes[5][3]
+    out = fused_mod.chunks(classes, [t.numel() for t in ts], 2)
+    assert sorted(i for c in out for i in c) == list(range(len(ts)))
+    assert all(len({classes[i] for i in c}) == 1 for c in out)
+    # equal classes still share calls: the four 5120-element LoRA factors, the two 5000-long rows
+    assert sorted(sorted(c) for c in out if len(c) == 2) == [[0, 1], [2, 3], [7, 8]]

@@ -142,13 +142,25 @@ def _compile(transforms: list, layout: Layout, keys: tuple[str, ...], serial: in
     return torch.compile(kernel, dynamic=True)
 
 
-def chunks(sizes: list[int], k: int) -> list[list[int]]:
-    """Indices grouped into chunks of ``k`` tensors of one size class (inductor specialises
-    reductions at 4096 elements, so mixing classes would multiply compiled variants); the
-    remainder of each class goes one tensor per call."""
+def shape_class(t: Tensor) -> tuple[bool, ...]:
+    """What a compiled kernel specialises on besides the length: inductor picks different loops
+    for reductions over more than 4096 elements and dynamo specialises dims of size 1. The
+    factored statistics (CAME) reduce over the rows and the columns of the matrix view
+    ``[dim 0, the rest]`` (``[1, numel]`` for 1-D tensors), so those count too."""
+    n = t.numel()
+    rows = t.shape[0] if t.dim() >= 2 else 1
+    cols = n // max(rows, 1)
+    return n > 4096, rows == 1, cols == 1, rows > 4096, cols > 4096
+
+
+def chunks(classes: list, sizes: list[int], k: int) -> list[list[int]]:
+    """Indices grouped into chunks of ``k`` tensors of one ``shape_class`` (mixing classes would
+    multiply compiled variants -- one per combination -- past dynamo's limit of 8 per kernel,
+    after which it silently runs eagerly); the remainder of each class goes one tensor per
+    call. Within a class, tensors are ordered by size."""
     out: list[list[int]] = []
-    for cls in (False, True):
-        idx = sorted((i for i, n in enumerate(sizes) if (n > 4096) == cls), key=lambda i: sizes[i])
+    for cls in sorted(set(classes)):
+        idx = sorted((i for i, c in enumerate(classes) if c == cls), key=lambda i: sizes[i])
         full = len(idx) - len(idx) % k
         out += [idx[j:j + k] for j in range(0, full, k)]
         out += [[i] for i in idx[full:]]

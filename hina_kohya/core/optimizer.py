@@ -428,7 +428,8 @@ class HinaOptimizer(torch.optim.Optimizer):
             v is None or v is st.get(key) for key in keys for v, st in zip(b.state[key], states))
         ok = [i for i in range(len(b)) if targets[i].is_contiguous()]
         plan = []
-        for chunk in fused_mod.chunks([targets[i].numel() for i in ok], fused_mod.chunk_size()):
+        for chunk in fused_mod.chunks([fused_mod.shape_class(targets[i]) for i in ok],
+                                      [targets[i].numel() for i in ok], fused_mod.chunk_size()):
             idx = [ok[j] for j in chunk]
             plan.append((idx, [fused_mod.flat(targets[i]) for i in idx],
                          [tuple(fused_mod.flat(b.state[key][i], targets[i].numel()) for key in keys) for i in idx]))
