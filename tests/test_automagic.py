@@ -105,6 +105,42 @@ def test_factoring_is_exact_for_rank_one_statistics_and_for_vectors():
         torch.testing.assert_close(gv, vec_full / (1 - 0.9 ** t), rtol=1e-12, atol=0)
 
 
+def _phase_run(gate_on_host: bool, monkeypatch, steps: int = 10):
+    from hina_kohya.transforms.phase import Phase
+
+    with monkeypatch.context() as m:
+        if not gate_on_host:
+            m.setattr(Phase, "static_key", lambda self, step, hp: None)
+        model = TinyLoRANet(3, dtype=torch.float64)
+        opt = Automagic_CameAMP_Improved(model.groups(), fused=False, lr=1e-2, warmup_steps=6, weight_decay=0.1)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        tam = []
+        for t in range(1, steps + 1):
+            gen = torch.Generator().manual_seed(t)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1
+            opt.step()
+            tam.append(float(opt.state[params[0]]["tam_s"]))
+    return params, opt, tam
+
+
+def test_phase_gate_decided_on_the_host_matches_the_tensor_gate(monkeypatch):
+    """The engine decides Phase gates from the Python step counter (no sync, kernels specialised
+    per phase); the torch.where gate is the fallback. Both give the same training run across the
+    early / late warm-up and stable boundaries, except that a transform outside its phase no
+    longer updates its own statistic (TAM's)."""
+    host_params, host_opt, host_tam = _phase_run(True, monkeypatch)
+    where_params, where_opt, where_tam = _phase_run(False, monkeypatch)
+    for a, b in zip(host_params, where_params):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        for key, value in host_opt.state[a].items():
+            if key != "tam_s" and isinstance(value, torch.Tensor):
+                torch.testing.assert_close(value, where_opt.state[b][key], rtol=1e-12, atol=1e-14)
+    # TAM runs in the early warm-up (t < 3) only: frozen afterwards on the host-decided path
+    assert host_tam[2:] == [host_tam[1]] * (len(host_tam) - 2)
+    assert len(set(where_tam[2:])) > 1
+
+
 def test_phase_schedule():
     assert [phase_index(t, 10) for t in (1, 4, 5, 9, 10, 19, 20, 100)] == [0, 0, 1, 1, 2, 2, 3, 3]
 

@@ -199,6 +199,8 @@ class Slot:
     mask, mask_scale: per-element rates (or None) and their unit factor (0-d).
     scratch:  values a transform keeps for its own ``after_math`` or for log_dict().
     extra:    ``{key: 0-d tensor}`` from ``Bucket.extras`` (values computed by ``prepare`` hooks).
+    static:   while a transform runs, its ``static_key`` for this tensor's step (a Python value
+              the engine knows without reading a tensor), or None when the path does not know it.
     """
 
     def __init__(self, p, g, st, t, hp, role, rate, decay, mask_scale):
@@ -210,6 +212,7 @@ class Slot:
         self.mask = None
         self.scratch: dict[str, Any] = {}
         self.extra: dict[str, Tensor] = {}
+        self.static: Any = None
 
     @property
     def momentum_input(self):
@@ -232,6 +235,13 @@ class Transform:
     def prepare(self, b: Bucket) -> None:
         """Bucket-level work run before any per-tensor math (rate scales, decay schedules)."""
 
+    def static_key(self, step: int, hp: dict) -> Any:
+        """A hashable value that ``math`` may branch on in Python (``x.static``), computed by the
+        engine from the tensor's step counter -- a Python int, so no host sync. Compiled kernels
+        are specialised per distinct tuple of keys (keep the set of values small: a phase, not
+        the step). None (the default): nothing to specialise."""
+        return None
+
     def foreach(self, b: Bucket) -> None:
         """The list-wise path. Transforms with only ``prepare`` work leave it empty."""
 
@@ -250,18 +260,27 @@ class Transform:
         raise NotImplementedError
 
 
-def tensor_step(transforms: list[Transform], x: Slot, skip_nonfinite: bool = True) -> Tensor:
+def static_keys(transforms: list[Transform], step: int, hp: dict) -> tuple:
+    """Every transform's ``static_key`` for one tensor's step, in chain order."""
+    return tuple(t.static_key(step, hp) for t in transforms)
+
+
+def tensor_step(transforms: list[Transform], x: Slot, skip_nonfinite: bool = True,
+                static: Optional[tuple] = None) -> Tensor:
     """One tensor's whole step: the chain's math, then the write-back formula of the engine,
     ``new = p * (1 - lr * rate * wd * decay) - lr * rate * upd_scale * mask_scale * mask * u``,
     then post-update projections. Returns the new parameter value (compute dtype).
 
     A non-finite gradient or update skips the tensor's step: its state is restored and the
     parameter value returned unchanged (``x.scratch["skipped"]`` is 1). In the fused kernel the
-    snapshot and the selection fuse into the loops that run anyway."""
+    snapshot and the selection fuse into the loops that run anyway.
+
+    ``static``: the transforms' ``static_keys`` for this tensor's step, or None when unknown."""
     if skip_nonfinite:
         finite = torch.isfinite(x.g).all()
         saved = {k: v.clone() for k, v in x.st.items() if v is not None}
-    for t in transforms:
+    for i, t in enumerate(transforms):
+        x.static = None if static is None else static[i]
         t.math(x)
     if x.u is None:
         raise RuntimeError("the recipe's chain produced no update; its first transform must set one")
@@ -270,8 +289,9 @@ def tensor_step(transforms: list[Transform], x: Slot, skip_nonfinite: bool = Tru
     if x.mask is not None:
         u = u * (x.mask * x.mask_scale)
     new = x.p * (1 - lr_rate * x.hp["weight_decay"] * x.decay) - lr_rate * u
-    for t in transforms:
+    for i, t in enumerate(transforms):
         if t.post_update:
+            x.static = None if static is None else static[i]
             new = t.after_math(x, new)
     if not skip_nonfinite:
         x.scratch["skipped"] = torch.zeros((), dtype=x.p.dtype, device=x.p.device)

@@ -34,7 +34,7 @@ from torch import Tensor
 from .. import roles as roles_mod
 from ..args import check_hparams
 from . import fused as fused_mod
-from .chain import Bucket, Chain, Slot, StateSpec, tensor_step
+from .chain import Bucket, Chain, Slot, StateSpec, static_keys, tensor_step
 from .precision import ROUNDINGS, check_param_dtype, kahan_write
 from .quant import StateStore, _seed
 
@@ -358,7 +358,8 @@ class HinaOptimizer(torch.optim.Optimizer):
             x = Slot(targets[i], b.grads[i], {k: v[i] for k, v in b.state.items()}, t, hp, b.roles[i], rate,
                      decay, mask_scale)
             x.extra = {k: v[i] for k, v in b.extras.items()}
-            targets[i].copy_(tensor_step(transforms, x, self.skip_nonfinite))
+            static = static_keys(transforms, b.steps[i], b.hp)
+            targets[i].copy_(tensor_step(transforms, x, self.skip_nonfinite, static))
             kept[i] = x.scratch.get("cautious_kept")
             b.scratch.setdefault("skipped", []).append(x.scratch["skipped"].reshape(1))
         if any(getattr(t, "name", "") == "cautious" for t in transforms):
@@ -386,20 +387,22 @@ class HinaOptimizer(torch.optim.Optimizer):
         a non-contiguous gradient is read through a contiguous copy)."""
         kernels, layout, keys = fused
         hp_values = layout.values(b.hp)
-        plan, eager = self._chunk_plan(b, states, targets, keys)
+        transforms = kernels["chain"].transforms
+        statics = [static_keys(transforms, s, b.hp) for s in b.steps]
+        plan, eager = self._chunk_plan(b, states, targets, keys, statics)
         extra_keys = tuple(b.extras)
         done = 0
         for idx, flat_params, flat_states in plan:
-            k = len(idx)
-            if (k, extra_keys) not in kernels:
-                kernels[(k, extra_keys)] = fused_mod.make_kernel(kernels["chain"], layout, keys, k,
-                                                                 self.skip_nonfinite, extra_keys)
+            k, static, device = len(idx), statics[idx[0]], targets[idx[0]].device.type
+            if (k, extra_keys, static, device) not in kernels:
+                kernels[(k, extra_keys, static, device)] = fused_mod.make_kernel(
+                    kernels["chain"], layout, keys, k, self.skip_nonfinite, extra_keys, static, device)
             rows = [[*self._tensor_numbers(b, i), *hp_values] for i in idx]
             rates = [b.lr_scale_t[i].detach() for i in idx] if b.lr_scale_t is not None else None
             extras = [tuple(b.extras[e][i].detach() for e in extra_keys) for i in idx] if extra_keys else None
             try:
-                out, skipped = kernels[(k, extra_keys)](
-                    flat_params, [fused_mod.flat(b.grads[i].contiguous()) for i in idx], flat_states,
+                out, skipped = kernels[(k, extra_keys, static, device)](
+                    flat_params, [fused_mod.kernel_view(b.grads[i].contiguous(), targets[i]) for i in idx], flat_states,
                     torch.tensor(rows, dtype=b.compute_dtype, device=targets[idx[0]].device), rates, extras)
             except Exception as exc:
                 exc.hina_tensors_done = done  # type: ignore[attr-defined]
@@ -410,17 +413,18 @@ class HinaOptimizer(torch.optim.Optimizer):
                 kept[i] = out[j]
         return eager
 
-    def _chunk_plan(self, b: Bucket, states: list[dict], targets: list[Tensor],
-                    keys: tuple[str, ...]) -> tuple[list[tuple[list[int], list, list]], list[int]]:
-        """The kernel calls of a bucket: per chunk its indices and the flat aliases of its
-        parameters and states, plus the indices left for the eager path. When every tensor is
+    def _chunk_plan(self, b: Bucket, states: list[dict], targets: list[Tensor], keys: tuple[str, ...],
+                    statics: list[tuple]) -> tuple[list[tuple[list[int], list, list]], list[int]]:
+        """The kernel calls of a bucket: per chunk its indices and the kernel views of its
+        parameters and states, plus the indices left for the eager path. A chunk's tensors share
+        a shape class and their transforms' ``static_keys`` (e.g. the phase). When every tensor is
         persistent (the parameters themselves, states stored in the compute dtype) the plan is
         kept and reused while the same tensor objects come back (it holds them, so their ids
         cannot be reused); rebuilding it is ~10 ms per step on the sd15 set. Buckets partition
         the flat parameter indices, so a bucket's first index identifies it."""
         objs = targets + [v for k in keys for v in b.state[k]]
         # a trainer may re-point ``p.data`` (a dtype cast, a device move): the storage is checked too
-        ids = list(map(id, objs)) + [t.data_ptr() for t in targets]
+        ids = list(map(id, objs)) + [t.data_ptr() for t in targets] + statics
         cached = self._plans.get(b.indices[0])
         if cached is not None and cached[0] == ids:
             return cached[2], cached[3]
@@ -428,11 +432,11 @@ class HinaOptimizer(torch.optim.Optimizer):
             v is None or v is st.get(key) for key in keys for v, st in zip(b.state[key], states))
         ok = [i for i in range(len(b)) if targets[i].is_contiguous()]
         plan = []
-        for chunk in fused_mod.chunks([fused_mod.shape_class(targets[i]) for i in ok],
+        for chunk in fused_mod.chunks([(fused_mod.shape_class(targets[i]), statics[i]) for i in ok],
                                       [targets[i].numel() for i in ok], fused_mod.chunk_size()):
             idx = [ok[j] for j in chunk]
-            plan.append((idx, [fused_mod.flat(targets[i]) for i in idx],
-                         [tuple(fused_mod.flat(b.state[key][i], targets[i].numel()) for key in keys) for i in idx]))
+            plan.append((idx, [fused_mod.kernel_view(targets[i], targets[i]) for i in idx],
+                         [tuple(fused_mod.kernel_view(b.state[key][i], targets[i]) for key in keys) for i in idx]))
         in_plan = set(ok)
         eager = [i for i in range(len(b)) if i not in in_plan]
         if persistent:

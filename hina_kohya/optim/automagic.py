@@ -240,7 +240,7 @@ class _AutomagicBase(HinaOptimizer):
     def _rows(self, hp: dict) -> list[Transform]:
         if hp["full_finetune"]:
             return []
-        return [RowScaling(rows_key="came_v_row" if hp["came"] else None)]
+        return [RowScaling(factored="came_v" if hp["came"] else None)]
 
     # -- diagnostics ---------------------------------------------------------------------------
     def get_group_lr(self, group: dict) -> float:

@@ -10,11 +10,15 @@ With W = ``warmup_steps`` and t the parameter's step (first step 1):
 
 ``phase_index(t, W)`` is 0..3 in that order (reported by ``log_dict()``). ``Phase(transform,
 start=..., end=...)`` gates a transform to ``start <= t < end``, with ``start`` / ``end`` one of
-``"half_warmup"`` (W/2) and ``"warmup"`` (W). Inside the gate everything the transform changes in
-the Slot (gradient, momentum input, update, scales, mask, the post-update value) is selected with
-``torch.where`` on the step -- no host sync, one compiled kernel for every phase. A gated
-transform's own statistics (TAM's cosine EMA) keep updating outside its phase; only its effect is
-gated.
+``"half_warmup"`` (W/2) and ``"warmup"`` (W).
+
+The engine knows each tensor's step as a Python int, so the gate is decided on the host
+(``static_key``): outside its phase the transform does not run at all (its own statistics, e.g.
+TAM's cosine EMA, stay as they were), inside it runs ungated, and compiled kernels are specialised
+per phase -- after the warm-up, the step pays nothing for the warm-up-only techniques. Where the
+step is not known on the host, the gate selects with ``torch.where`` on the step tensor (no
+sync): everything the transform changes in the Slot (gradient, momentum input, update, scales,
+mask, the post-update value) is kept only inside the phase.
 """
 
 from __future__ import annotations
@@ -52,6 +56,14 @@ class Phase(Transform):
     def prepare(self, b: Bucket) -> None:
         self.inner.prepare(b)
 
+    def active_at(self, step: int, warmup_steps: float) -> bool:
+        w = float(warmup_steps)
+        return ((self.start is None or step >= w * _BOUNDS[self.start])
+                and (self.end is None or step < w * _BOUNDS[self.end]))
+
+    def static_key(self, step: int, hp: dict) -> bool:
+        return self.active_at(step, hp["warmup_steps"])
+
     def _active(self, x: Slot):
         w = x.hp["warmup_steps"]
         on = torch.ones_like(x.t, dtype=torch.bool)
@@ -62,6 +74,10 @@ class Phase(Transform):
         return on
 
     def math(self, x: Slot) -> None:
+        if x.static is not None:
+            if x.static:
+                self.inner.math(x)
+            return
         on = self._active(x)
         before = {"g": x.g, "m_in": x.momentum_input, "u": x.u, "upd_scale": x.upd_scale, "mask": x.mask,
                   "mask_scale": x.mask_scale}
@@ -77,4 +93,6 @@ class Phase(Transform):
             setattr(x, key, torch.where(on, new, old))
 
     def after_math(self, x: Slot, new: torch.Tensor) -> torch.Tensor:
+        if x.static is not None:
+            return self.inner.after_math(x, new) if x.static else new
         return torch.where(self._active(x), self.inner.after_math(x, new), new)

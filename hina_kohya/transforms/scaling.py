@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from ..core.chain import Bucket, Slot, StateSpec, Transform
+from .came import as_matrix
 
 
 def _initial_lr(group: dict) -> float:
@@ -110,24 +111,24 @@ class RowScaling(Transform):
     recomputed from the current weights every step (the original computed it once at init, with an
     unsquared norm, defect 38), for adapter factors with two or more dims -- every such tensor
     when names are unknown. A zero-initialised row (LoRA B) gets ``eta``; rows that grew get less.
-    Rows are dim 0 of the tensor. The row count comes from the state ``rows_key`` of another
-    transform when it has one row per matrix row (CAME's ``came_v_row``: no extra memory), or from a
-    small state of its own (``row_scale``, the last rho)."""
+    Rows are dim 0 of the tensor. The matrix shape comes from the factored statistics ``factored``
+    of another transform when there are some (CAME's ``came_v_row`` / ``came_v_col``: no extra
+    memory), or from a small state of its own (``row_scale``, the last rho)."""
 
     name = "row_scaling"
     has_foreach = False
 
-    def __init__(self, rows_key: Optional[str] = None) -> None:
-        self.rows_key = rows_key
+    def __init__(self, factored: Optional[str] = None) -> None:
+        self.factored = factored
 
     def state_specs(self, hp: dict) -> tuple[StateSpec, ...]:
-        if self.rows_key is not None:
+        if self.factored is not None:
             return ()
         return (StateSpec("row_scale", quantizable=False, shape=lambda p: (p.shape[0],) if p.dim() >= 2 else None,
                           applies=_adapter_or_unknown),)
 
     def prepare(self, b: Bucket) -> None:
-        if self.rows_key is None:
+        if self.factored is None:
             return  # the state exists exactly where the scaling applies
         one = torch.ones((), dtype=b.compute_dtype, device=b.params[0].device)
         zero = torch.zeros_like(one)
@@ -135,17 +136,20 @@ class RowScaling(Transform):
                               for p, r in zip(b.params, b.roles)]
 
     def math(self, x: Slot) -> None:
-        ref = x.st.get(self.rows_key or "row_scale")
-        if ref is None:
-            return
-        rows = ref.shape[0]
-        w = x.p.reshape(rows, -1)
+        if self.factored is None:
+            ref = x.st.get("row_scale")
+            if ref is None:
+                return
+            w, u = x.p.reshape(ref.shape[0], -1), x.u.reshape(ref.shape[0], -1)
+        else:  # borrowed shape (see came.as_matrix): 1-D tensors and non-adapters have it too
+            row, col = x.st[f"{self.factored}_row"], x.st[f"{self.factored}_col"]
+            w, u = as_matrix(x.p, row, col), as_matrix(x.u, row, col)
         rho = torch.rsqrt(w.square().sum(dim=1) + 1.0 / x.hp["eta"] ** 2)
-        if self.rows_key is None:
+        if self.factored is None:
             ref.copy_(rho)
-        else:  # borrowed row count: 1-D tensors and non-adapters have it too, and are not scaled
+        else:  # ... and are not scaled
             rho = torch.where(x.extra["row_on"] > 0, rho, torch.ones_like(rho))
-        x.u = (x.u.reshape(rows, -1) * rho.unsqueeze(1)).reshape(x.u.shape)
+        x.u = (u * rho.unsqueeze(1)).reshape(x.u.shape)
 
 
 def _adapter_or_unknown(role) -> bool:
