@@ -60,6 +60,12 @@ CANDIDATES: dict[str, tuple[str, Callable]] = {
                                  _recipe("Automagic_CameAMP_COptim", "fp32")),
     "automagic_cameamp_improved": ("Automagic_CameAMP_Improved, defaults, fp32 state",
                                    _recipe("Automagic_CameAMP_Improved", "fp32")),
+    # the recipes' steady state: the warm-up-only techniques (orthogonal gradient, TAM, pure Grams,
+    # SPD) are compiled out of the kernels once the warm-up is over; warmup_steps=2 gets there at once
+    "automagic_cameamp_after_warmup": ("Automagic_CameAMP, defaults, fp32 state, after the warm-up",
+                                       _recipe("Automagic_CameAMP", "fp32", warmup_steps=2)),
+    "automagic_cameamp_improved_after_warmup": ("Automagic_CameAMP_Improved, defaults, fp32 state, after the warm-up",
+                                                _recipe("Automagic_CameAMP_Improved", "fp32", warmup_steps=2)),
     "hina_adamw_eager": ("HinaAdamW, defaults, fp32 state, eager (fused=False)",
                          _recipe("HinaAdamW", "fp32", fused=False)),
     "adaptive_hina_adamw_eager": ("AdaptiveHinaAdamW, defaults, fp32 state, eager (fused=False)",
