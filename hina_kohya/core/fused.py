@@ -8,8 +8,9 @@ the update, moments and write-back in another -- instead of the ~20 separate mem
 list-wise eager path. No technique is written a second time: the kernel *is* the reference path.
 
 Tensors are passed as matrix aliases ``[dim 0, the rest]`` of their storage (dynamic sizes,
-``kernel_view``), so one compiled graph serves every parameter shape. If compilation is unavailable (no C++ compiler, an unsupported platform) the optimizer
-falls back to the eager list-wise path with one warning.
+``kernel_view``), so one compiled graph serves every parameter shape. If compilation is
+unavailable (no C++ compiler, an unsupported platform) the optimizer falls back to the eager
+list-wise path with one warning.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def hp_tensors(hp: dict, device: torch.device, dtype: torch.dtype) -> dict[str, 
 def kernel_view(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     """The alias of a tensor a kernel receives, sharing its storage (in-place writes land in the
     original). Tensors shaped like the parameter ``like`` become its matrix view ``[dim 0, the
-    rest]`` (``[1, numel]`` for 1-D): one compiled graph serves every shape (the sizes are
+    rest]`` (1-D tensors stay 1-D): one compiled graph serves every shape (the sizes are
     symbolic), and per-row / per-column statistics (CAME, row scaling) broadcast along real
     loop dimensions -- on a flat alias every such broadcast costs a division per element and
     stops vectorisation (measured 2-4x slower on CPU). ``view(...).detach()`` is not a view

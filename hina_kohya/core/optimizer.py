@@ -448,7 +448,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         fused = self._kernels.get(gi)
         if fused is None:
             layout, keys = fused_mod.Layout(b.hp), tuple(b.state)
-            fused = ({"chain": chain}, layout, keys)  # kernels by (chunk size, extra keys), made on demand
+            fused = ({"chain": chain}, layout, keys)  # kernels by (chunk size, extra keys, static keys, device), made on demand
             self._kernels[gi] = fused
         try:
             self._run_per_tensor(b, states, chain.transforms, fused)

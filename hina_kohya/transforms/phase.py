@@ -56,22 +56,21 @@ class Phase(Transform):
     def prepare(self, b: Bucket) -> None:
         self.inner.prepare(b)
 
-    def active_at(self, step: int, warmup_steps: float) -> bool:
-        w = float(warmup_steps)
-        return ((self.start is None or step >= w * _BOUNDS[self.start])
-                and (self.end is None or step < w * _BOUNDS[self.end]))
+    def _within(self, t, w):
+        """``start <= t < end`` for a Python step (a bool: the host decision) or a step tensor (a
+        bool tensor: the in-kernel gate, no sync) -- one rule for both."""
+        on = t == t  # True, as a bool or a bool tensor
+        if self.start is not None:
+            on = on & (t >= w * _BOUNDS[self.start])
+        if self.end is not None:
+            on = on & (t < w * _BOUNDS[self.end])
+        return on
 
     def static_key(self, step: int, hp: dict) -> bool:
-        return self.active_at(step, hp["warmup_steps"])
+        return bool(self._within(step, float(hp["warmup_steps"])))
 
     def _active(self, x: Slot):
-        w = x.hp["warmup_steps"]
-        on = torch.ones_like(x.t, dtype=torch.bool)
-        if self.start is not None:
-            on = on & (x.t >= w * _BOUNDS[self.start])
-        if self.end is not None:
-            on = on & (x.t < w * _BOUNDS[self.end])
-        return on
+        return self._within(x.t, x.hp["warmup_steps"])
 
     def math(self, x: Slot) -> None:
         if x.static is not None:
