@@ -38,6 +38,8 @@ Hyperparameters: ``betas = (beta1, beta2, beta3)``, ``eps = (eps1, eps2, ...)``,
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -65,11 +67,13 @@ def factored_ema(row: Tensor, col: Tensor, q: Tensor, beta, t) -> Tensor:
     return (new_row / new_row.mean()).unsqueeze(1) * new_col.unsqueeze(0) / (1 - beta ** t)
 
 
-def as_matrix(t: Tensor, row: Tensor, col: Tensor) -> Tensor:
-    """``t`` as the ``[rows, cols]`` matrix its factored statistics ``row`` / ``col`` describe. Both
-    sizes come from the statistics rather than ``reshape(rows, -1)``: in a kernel compiled for
-    dynamic shapes, ``-1`` becomes ``numel // rows`` and every index pays for a division (measured
-    about 2x slower on CPU)."""
+def as_matrix(t: Tensor, row: Optional[Tensor] = None, col: Optional[Tensor] = None) -> Tensor:
+    """``t`` as its matrix view ``[dim 0, the rest]`` (``[1, numel]`` for 1-D). Given the factored
+    statistics ``row`` / ``col`` that describe it, both sizes come from them rather than
+    ``reshape(rows, -1)``: in a kernel compiled for dynamic shapes, ``-1`` becomes
+    ``numel // rows`` and every index pays for a division (measured about 2x slower on CPU)."""
+    if row is None or col is None:
+        return t.reshape(matrix_rows(t), -1)
     return t.reshape(row.shape[0], col.shape[0])
 
 

@@ -140,10 +140,10 @@ class RowScaling(Transform):
             ref = x.st.get("row_scale")
             if ref is None:
                 return
-            w, u = x.p.reshape(ref.shape[0], -1), x.u.reshape(ref.shape[0], -1)
+            row = col = None
         else:  # borrowed shape (see came.as_matrix): 1-D tensors and non-adapters have it too
             row, col = x.st[f"{self.factored}_row"], x.st[f"{self.factored}_col"]
-            w, u = as_matrix(x.p, row, col), as_matrix(x.u, row, col)
+        w, u = as_matrix(x.p, row, col), as_matrix(x.u, row, col)
         rho = torch.rsqrt(w.square().sum(dim=1) + 1.0 / x.hp["eta"] ** 2)
         if self.factored is None:
             ref.copy_(rho)

@@ -23,11 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.chain import Bucket, Slot, StateSpec, Transform
-from .came import matrix_rows
-
-
-def as_matrix(t: Tensor) -> Tensor:
-    return t.reshape(matrix_rows(t), -1)
+from .came import as_matrix, matrix_rows
 
 
 class RegularizationStrategy:
@@ -164,7 +160,7 @@ class SpatialAwareness(Transform):
 
     def math(self, x: Slot) -> None:
         sv = x.st["spatial_var"]
-        g = x.g.reshape(sv.shape[0], -1)
+        g = as_matrix(x.g)
         new = sv * 0.9 + g.var(dim=1, unbiased=False) * 0.1
         sv.copy_(new)
         scale = torch.clamp(0.8 * new / new.mean().clamp_min(1e-30), 0.5, 1.5)
