@@ -48,6 +48,21 @@ def find(name: str) -> OptimizerSpec | None:
     return _BY_NAME.get(name.strip().lower()) if isinstance(name, str) else None
 
 
+def resolve(optimizer_type: str) -> OptimizerSpec | None:
+    """The spec an sd-scripts ``--optimizer_type`` names, or None when it is not ours: a
+    registered name or alias (any case), or a dotted path into this package
+    (``hina_kohya.HinaAdamW``, ``hina_kohya.optim.HinaAdamW``) whose last part is one."""
+    if not isinstance(optimizer_type, str):
+        return None
+    text = optimizer_type.strip()
+    if "." in text:
+        package, _, last = text.rpartition(".")
+        if package.split(".")[0] != __name__.split(".")[0]:
+            return None
+        return find(last)
+    return find(text)
+
+
 def get_spec(name: str) -> OptimizerSpec:
     spec = find(name)
     if spec is None:
@@ -84,8 +99,10 @@ def _register_builtins() -> None:
     register(OptimizerSpec("AdaptiveHinaAdamW", optim.AdaptiveHinaAdamW, aliases=("HinaAdaptiveAdamW",),
                            uses_names=True, summary="HinaAdamW techniques + per-element lr masks + importance "
                            "scaling; works without names"))
+    # the old fork's memory-optimised variant kept its state in bf16 (where slow EMAs stop moving,
+    # ALGORITHMS.md E12); its name maps to the 8-bit recipe, the memory-saving mode that works
     register(OptimizerSpec("AdaptiveHinaAdamW8bit", optim.AdaptiveHinaAdamW8bit,
-                           aliases=("HinaAdaptiveAdamW8bit",), uses_names=True,
+                           aliases=("HinaAdaptiveAdamW8bit", "HinaAdaptiveAdamWMemoryOptimized8bit"), uses_names=True,
                            summary="AdaptiveHinaAdamW with 8-bit state"))
     register(OptimizerSpec("Automagic_CameAMP", optim.Automagic_CameAMP, uses_names=True,
                            summary="factored CAME + Automagic per-element lr masks"))

@@ -224,3 +224,35 @@ def structure_of(param_groups: Sequence[dict]) -> tuple[Structure, list[str]]:
         names.extend(gn if gn is not None else [None] * len(params))
         shapes.extend(tuple(p.shape) if isinstance(p, torch.Tensor) else () for p in params)
     return build_structure(names, shapes), problems
+
+
+# Kinds that are never weight-decayed (INTEGRATION.md §3.4): scales, norms, vector deltas and
+# biases. Decay pulls towards zero, and for these zero is not "no change".
+_NO_DECAY_KINDS = frozenset({"dora_scale", "norm_w", "norm_b", "oft_rescale", "tlora_lambda", "scalar", "ia3",
+                             "full_bias"})
+
+
+def decays(name: Optional[str], shape: Sequence[int], decay_full: bool = False,
+           no_decay: Optional["re.Pattern[str]"] = None) -> bool:
+    """Whether a parameter belongs in a weight-decay group (the wrappers' decay / no-decay split).
+
+    No decay for: tensors of at most one dimension; the kinds in ``_NO_DECAY_KINDS``; LyCORIS
+    ``algo=full`` whole weights (``decay_full=True`` allows it: decoupled decay would otherwise
+    pull pretrained weights towards zero); unrecognised vector-shaped tensors (every dimension
+    but one of size 1) and ``bias`` leaves; names matching the user's ``no_decay`` pattern
+    (searched in the full name). Adapter factors decay, rank-1 factors included."""
+    if len(shape) <= 1:
+        return False
+    if name is None:
+        return True
+    if no_decay is not None and no_decay.search(name):
+        return False
+    role = classify(name, shape)
+    if role.kind in _NO_DECAY_KINDS:
+        return False
+    if role.kind == "full_weight":
+        return decay_full
+    if role.kind == "other":
+        leaf = name.rpartition(".")[2]
+        return leaf != "bias" and sum(d != 1 for d in shape) > 1
+    return True

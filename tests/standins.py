@@ -89,13 +89,37 @@ class StandInTextEncoder(nn.Module):
         self.text_model.encoder.layers = nn.ModuleList([CLIPEncoderLayer(d) for _ in range(layers)])
 
 
-def lycoris_network(algo_args: dict, dim: int = 4, alpha: float = 2.0, seed: int = 0):
-    """Build a real LyCORIS kohya network on the stand-ins; returns (network, te, unet)."""
-    from lycoris import kohya
+def lycoris_network(algo_args: dict, dim: int = 4, alpha: float = 2.0, seed: int = 0, module=None):
+    """Build a real LyCORIS kohya network on the stand-ins (through ``module``'s create_network,
+    default ``lycoris.kohya``); returns (network, te, unet)."""
+    if module is None:
+        from lycoris import kohya as module
 
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
     torch.manual_seed(seed)
     te, unet = StandInTextEncoder(), StandInUNet()
-    net = kohya.create_network(1.0, dim, alpha, None, te, unet, **algo_args)
+    net = module.create_network(1.0, dim, alpha, None, te, unet, **algo_args)
     net.apply_to(te, unet, True, True)
     return net, te, unet
+
+
+# every LyCORIS algo and option combination the tests build (network_args as sd-scripts passes them)
+LYCORIS_ALGOS = {
+    "lora": dict(algo="lora"),
+    "locon": dict(algo="locon", use_tucker="True"),
+    "loha": dict(algo="loha"),
+    "lokr": dict(algo="lokr", factor="8"),  # default LoKr: full w2 on small layers, split on fc1/fc2
+    "lokr_full_matrix": dict(algo="lokr", factor="8", full_matrix="True"),
+    "lokr_decompose_both": dict(algo="lokr", factor="16", decompose_both="True"),
+    "full": dict(algo="full"),
+    "lokr_norm_dora": dict(algo="lokr", factor="8", train_norm="True", dora_wd="True"),
+    "lora_norm_dora": dict(algo="lora", train_norm="True", dora_wd="True"),
+    "loha_tucker": dict(algo="loha", use_tucker="True"),
+    "lokr_tucker": dict(algo="lokr", factor="8", use_tucker="True"),
+    "ia3": dict(algo="ia3"),
+    "dylora": dict(algo="dylora", block_size="2"),
+    "glora": dict(algo="glora"),
+    "diag_oft": dict(algo="diag-oft", rescaled="True"),
+    "tlora": dict(algo="tlora"),
+    "lora_scalar": dict(algo="lora", use_scalar="True"),
+}

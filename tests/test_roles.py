@@ -4,29 +4,10 @@ import pytest
 import torch
 
 from hina_kohya.roles import build_structure, classify, structure_of
-from standins import lycoris_network
+from standins import LYCORIS_ALGOS as ALGOS, lycoris_network
 
 pytest.importorskip("lycoris")
 
-ALGOS = {
-    "lora": dict(algo="lora"),
-    "locon": dict(algo="locon", use_tucker="True"),
-    "loha": dict(algo="loha"),
-    "lokr": dict(algo="lokr", factor="8"),  # default LoKr: full w2 on small layers, split on fc1/fc2
-    "lokr_full_matrix": dict(algo="lokr", factor="8", full_matrix="True"),
-    "lokr_decompose_both": dict(algo="lokr", factor="16", decompose_both="True"),
-    "full": dict(algo="full"),
-    "lokr_norm_dora": dict(algo="lokr", factor="8", train_norm="True", dora_wd="True"),
-    "lora_norm_dora": dict(algo="lora", train_norm="True", dora_wd="True"),
-    "loha_tucker": dict(algo="loha", use_tucker="True"),
-    "lokr_tucker": dict(algo="lokr", factor="8", use_tucker="True"),
-    "ia3": dict(algo="ia3"),
-    "dylora": dict(algo="dylora", block_size="2"),
-    "glora": dict(algo="glora"),
-    "diag_oft": dict(algo="diag-oft", rescaled="True"),
-    "tlora": dict(algo="tlora"),
-    "lora_scalar": dict(algo="lora", use_scalar="True"),
-}
 
 # leaf -> (kind, factor, adapter) the real networks must produce
 EXPECTED_LEAF = {

@@ -314,20 +314,32 @@ class Automagic_CameAMP_COptim(Automagic_CameAMP):  # noqa: N801
         d = self.defaults
         self.context = Context(d["context_window"], d["edge_threshold"], d["adaptation_rate"])
         self._loss: Optional[torch.Tensor] = None
+        self._loss_count = 0
 
     @property
     def c_optim(self) -> Context:
         return self.context
 
     def set_loss(self, loss: Any) -> None:
-        """The training loss of the coming step (a tensor -- no sync -- or a number)."""
-        self._loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        """The training loss of the coming step (a tensor -- no sync -- or a number). Several
+        calls before one step (the micro-batches of gradient accumulation) average."""
+        if isinstance(loss, torch.Tensor):
+            value = loss.detach()
+            value = (value if value.is_floating_point() else value.float()).mean()
+        else:
+            value = torch.tensor(float(loss))
+        if self._loss is None:
+            self._loss, self._loss_count = value, 1
+        else:
+            self._loss, self._loss_count = self._loss + value.to(self._loss.device), self._loss_count + 1
 
     def before_step(self, loss: Any) -> None:
         if loss is not None:
             self.set_loss(loss)
         signal, is_loss = self._loss, self._loss is not None
-        self._loss = None
+        if signal is not None and self._loss_count > 1:
+            signal = signal / self._loss_count
+        self._loss, self._loss_count = None, 0
         if signal is None:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             if not grads:
