@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 
@@ -48,6 +49,67 @@ def _cmd_bench_chunks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from . import presets
+
+    if args.presets_command == "list":
+        for name in presets.list_presets():
+            print(f"{name}\n    {presets.description(name)}")
+        return 0
+    try:
+        text = presets.preset_text(args.name)
+    except KeyError as exc:
+        print(f"hina-kohya presets: {exc.args[0]}", file=sys.stderr)
+        return 2
+    if args.presets_command == "show":
+        print(text, end="")
+        return 0
+    out = Path(args.output or f"{presets.preset_path(args.name).name}")
+    if out.is_dir():
+        out = out / presets.preset_path(args.name).name
+    if out.exists() and not args.force:
+        print(f"hina-kohya presets export: {out} exists; pass --force to overwrite it or --output another file",
+              file=sys.stderr)
+        return 2
+    out.write_text(text, encoding="utf-8")
+    print(f"wrote {out}: use it with --config_file {out}")
+    return 0
+
+
+def _cmd_check_args(args: argparse.Namespace) -> int:
+    from .check import check_config, check_optimizer
+
+    if args.config_file:
+        path = Path(args.config_file)
+        if not path.is_file() and path.with_suffix(".toml").is_file():  # sd-scripts appends .toml too
+            path = path.with_suffix(".toml")
+        if not path.is_file():
+            print(f"hina-kohya check-args: --config_file {args.config_file}: no such file", file=sys.stderr)
+            return 2
+        problems, notes = check_config(path.read_text(encoding="utf-8"))
+    elif args.optimizer_type is None:
+        print("hina-kohya check-args: give --optimizer_type (and --optimizer_args ...) or --config_file", file=sys.stderr)
+        return 2
+    else:
+        problems, notes = check_optimizer(args.optimizer_type, args.optimizer_args, args.learning_rate)
+    for note in notes:
+        print(f"note: {note}")
+    for problem in problems:
+        print(f"problem: {problem}")
+    print("OK: sd-scripts will accept these arguments" if not problems else f"{len(problems)} problem(s)")
+    return 0 if not problems else 1
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import report
+
+    rows = report(args.sd_scripts, args.network_module)
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hina-kohya", description="Hina optimizers for kohya sd-scripts and LyCORIS")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +119,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="list the registered optimizers")
     lst.set_defaults(func=_cmd_list)
+
+    pre = sub.add_parser("presets", help="the recommended configurations (sd-scripts --config_file TOML)")
+    psub = pre.add_subparsers(dest="presets_command", required=True)
+    psub.add_parser("list", help="preset names and what each is for").set_defaults(func=_cmd_presets)
+    pshow = psub.add_parser("show", help="print a preset")
+    pshow.add_argument("name")
+    pshow.set_defaults(func=_cmd_presets)
+    pexp = psub.add_parser("export", help="write a preset to a file, for --config_file")
+    pexp.add_argument("name")
+    pexp.add_argument("--output", help="file or folder (default: <name>.toml here)")
+    pexp.add_argument("--force", action="store_true", help="overwrite an existing file")
+    pexp.set_defaults(func=_cmd_presets)
+
+    chk = sub.add_parser("check-args", help="check sd-scripts optimizer arguments (parsed as sd-scripts parses them)")
+    chk.add_argument("--optimizer_type", help="as given to sd-scripts, e.g. HinaAdamW or hina_kohya.HinaAdamW")
+    chk.add_argument("--optimizer_args", nargs="*", default=[], help="key=value items, as given to sd-scripts")
+    chk.add_argument("--learning_rate", type=float, help="also check the learning rate")
+    chk.add_argument("--config_file", help="check an sd-scripts config file (TOML) instead")
+    chk.set_defaults(func=_cmd_check_args)
+
+    doc = sub.add_parser("doctor", help="versions, 8-bit backend, sd-scripts checkout, whether names reach the optimizer")
+    doc.add_argument("--sd-scripts", dest="sd_scripts", help="an sd-scripts checkout to inspect")
+    doc.add_argument("--network-module", dest="network_module",
+                     help="the --network_module you train with, e.g. lycoris.kohya or hina_kohya.networks.lycoris")
+    doc.set_defaults(func=_cmd_doctor)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
