@@ -43,8 +43,8 @@ def train_util(monkeypatch):
 class FakeAccelerator:
     num_processes = 1
 
-    def __init__(self):
-        self.logged = []
+    def __init__(self, trackers=()):
+        self.trackers = list(trackers)
         self.backwards = 0
         self.reduced = 0
 
@@ -53,7 +53,8 @@ class FakeAccelerator:
         loss.backward(**kwargs)
 
     def log(self, values, step=None, log_kwargs=None):
-        self.logged.append(dict(values))
+        for tracker in self.trackers:
+            tracker.log(values, step=step)
 
     def reduce(self, tensor, reduction="sum"):
         self.reduced += 1
@@ -62,13 +63,37 @@ class FakeAccelerator:
 
 @pytest.fixture
 def accelerate(monkeypatch):
+    """Stand-ins of ``accelerate`` and ``accelerate.tracking`` (fresh classes: the hooks patch them)."""
     mod = types.ModuleType("accelerate")
-    cls = type("Accelerator", (FakeAccelerator,), {})  # a fresh class: the hook patches it
-    mod.Accelerator = cls
+    tracking = types.ModuleType("accelerate.tracking")
+
+    class GeneralTracker:
+        name = "general"
+
+    class TensorBoardTracker(GeneralTracker):
+        name = "tensorboard"
+
+        def __init__(self):
+            self.logged = []
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append(dict(values))
+
+    class WandBTracker(TensorBoardTracker):
+        name = "wandb"
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append(dict(values))
+
+    tracking.GeneralTracker, tracking.TensorBoardTracker, tracking.WandBTracker = (GeneralTracker, TensorBoardTracker,
+                                                                                  WandBTracker)
+    mod.Accelerator = type("Accelerator", (FakeAccelerator,), {})
+    mod.tracking = tracking
     monkeypatch.setitem(sys.modules, "accelerate", mod)
+    monkeypatch.setitem(sys.modules, "accelerate.tracking", tracking)
     monkeypatch.setattr(accel, "_LIVE", accel.weakref.WeakSet())
-    monkeypatch.setattr(accel, "_calls", {"log": 0})
-    return cls
+    monkeypatch.setattr(accel, "_cache", {"step": None, "values": {}})
+    return mod
 
 
 def _args(name, *items, **extra):
@@ -197,13 +222,13 @@ def _lora_loss(groups, x):
 def test_the_loss_reaches_c_optim_through_accelerate_backward(train_util, accelerate):
     install()
     _, _, opt = train_util.get_optimizer(_args("Automagic_CameAMP_COptim", "warmup_steps=2"), _params())
-    acc = accelerate()
+    acc = accelerate.Accelerator()
     groups = opt.param_groups
     torch.manual_seed(1)
     losses = []
     for micro in range(2):  # gradient accumulation: two micro-batches, one step
         loss = _lora_loss(groups, torch.randn(8, 16))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         acc.backward(loss)
     assert acc.backwards == 2
     assert float(opt._loss / opt._loss_count) == pytest.approx(sum(losses) / 2)
@@ -215,42 +240,34 @@ def test_the_loss_reaches_c_optim_through_accelerate_backward(train_util, accele
 def test_the_loss_is_averaged_across_processes_first(train_util, accelerate):
     install()
     _, _, opt = train_util.get_optimizer(_args("Automagic_CameAMP_COptim"), _params())
-    acc = accelerate()
+    acc = accelerate.Accelerator()
     acc.num_processes = 2
     acc.backward(_lora_loss(opt.param_groups, torch.randn(8, 16)))
     assert acc.reduced == 1
 
 
-def test_diagnostics_join_the_step_logs(train_util, accelerate, monkeypatch):
+def test_diagnostics_join_the_step_logs_of_every_tracker(train_util, accelerate, monkeypatch):
     monkeypatch.setenv(accel.LOG_EVERY_ENV, "2")
     install()
     _, _, opt = train_util.get_optimizer(_args("HinaAdamW"), _params())
-    acc = accelerate()
-    acc.backward(_lora_loss(opt.param_groups, torch.randn(8, 16)))
-    opt.step()
-    for _ in range(3):
-        acc.log({"loss/current": 0.5, "lr/unet": 1e-4}, step=1)
-    acc.log({"loss/epoch": 0.4}, step=1)  # not a step log
-    first, second, third, epoch = acc.logged
-    assert first["lr/unet"] == 1e-4 and first["hina/lr/group0"] == pytest.approx(1e-4)
-    assert "hina/step_size/group0" in first and "hina/nonfinite_skipped" in first
-    assert not any(k.startswith("hina/") for k in second)  # every 2nd step log only
-    assert "hina/lr/group0" in third
-    assert epoch == {"loss/epoch": 0.4}
-
-
-def test_a_bad_log_interval_fails_at_install(train_util, accelerate, monkeypatch):
-    monkeypatch.setenv(accel.LOG_EVERY_ENV, "often")
-    with pytest.raises(ValueError, match="HINA_KOHYA_LOG_EVERY='often'"):
-        install()
-
-
-def test_upstream_optimizers_are_not_tracked(train_util, accelerate):
-    install()
-    assert train_util.get_optimizer(_args("AdamW"), _params()) == UPSTREAM
-    acc = accelerate()
-    acc.log({"lr/unet": 1e-4})
-    assert acc.logged == [{"lr/unet": 1e-4}]
+    tb, wandb = accelerate.tracking.TensorBoardTracker(), accelerate.tracking.WandBTracker()
+    acc = accelerate.Accelerator([tb, wandb])
+    computed = []
+    real = accel.diagnostics
+    monkeypatch.setattr(accel, "diagnostics", lambda: computed.append(1) or real())
+    for step in range(3):
+        acc.backward(_lora_loss(opt.param_groups, torch.randn(8, 16)))
+        opt.step()
+        acc.log({"loss/current": 0.5, "lr/unet": 1e-4}, step=step)  # through Accelerator.log
+        tb.log({"loss/current": 0.5, "lr/unet": 1e-4}, step=step)  # as sd-scripts does: the tracker itself
+    tb.log({"loss/epoch": 0.4}, step=3)  # not a step log
+    for tracker in (tb, wandb):
+        assert tracker.logged[0]["lr/unet"] == 1e-4 and tracker.logged[0]["hina/lr/group0"] == pytest.approx(1e-4)
+        assert "hina/step_size/group0" in tracker.logged[0] and "hina/nonfinite_skipped" in tracker.logged[0]
+    with_hina = [any(k.startswith("hina/") for k in values) for values in tb.logged]
+    assert with_hina == [True, True, False, False, True, True, False]  # optimizer steps 1 and 3 (every 2nd)
+    assert tb.logged[-1] == {"loss/epoch": 0.4}
+    assert len(computed) == 2  # once per due step, shared by both trackers and both calls
 
 
 def _checkout(tmp_path):

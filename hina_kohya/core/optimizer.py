@@ -593,11 +593,9 @@ class HinaOptimizer(torch.optim.Optimizer):
         if self.resume_hparams == "new":
             for g, hp in zip(self.param_groups, current_hp):
                 g.update(hp)
-            log.info("%s: resume_hparams='new': hyperparameters from the constructor override the checkpoint",
-                     type(self).__name__)
-        else:
-            log.info("%s: resume_hparams='saved': hyperparameters from the checkpoint are used",
-                     type(self).__name__)
+        if raw_state:  # a real resume (accelerate's prepare round-trips an empty state: nothing to say)
+            log.info("%s: resume_hparams=%r: hyperparameters from the %s are used", type(self).__name__,
+                     self.resume_hparams, "constructor" if self.resume_hparams == "new" else "checkpoint")
         self._invalidate()
 
     def _state_fits(self, p: Tensor, st: dict, specs: list[StateSpec]) -> bool:

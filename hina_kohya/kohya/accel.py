@@ -7,10 +7,12 @@ optimizers built through our hook only (``track``):
 * ``Accelerator.backward(loss)``: the loss reaches ``optimizer.set_loss`` (C-Optim's context
   signal). Micro-batches of one accumulated step average there; with several processes the loss
   is averaged across them first, so every rank sees the same signal (parameters stay identical).
-* ``Accelerator.log(values)``: when sd-scripts logs its step values (keys ``lr/...``),
-  ``optimizer.log_dict()`` is added beside them, every ``HINA_KOHYA_LOG_EVERY``-th time (default
-  10; computing it reads a few statistics back from the device). TensorBoard and W&B show them
-  as ``hina/...``.
+
+and the ``log`` method of every tracker class in ``accelerate.tracking`` (TensorBoard, W&B, ...:
+sd-scripts logs through the trackers directly, ``Accelerator.log`` ends there too): when the
+values are sd-scripts' step logs (keys ``lr/...``), ``optimizer.log_dict()`` joins them as
+``hina/...``, on the first optimizer step and every ``HINA_KOHYA_LOG_EVERY`` steps after it
+(default 10; computing it reads a few statistics back from the device, so not every step).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ MARKER = "__hina_kohya_hook__"
 LOG_EVERY_ENV = "HINA_KOHYA_LOG_EVERY"
 
 _LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
-_calls = {"log": 0}
+_cache: dict[str, Any] = {"step": None, "values": {}}  # one computation per optimizer step, for every tracker
 
 
 def track(optimizer: Any) -> None:
@@ -59,6 +61,33 @@ def diagnostics() -> dict[str, float]:
     return out
 
 
+def step_diagnostics() -> dict[str, float]:
+    """``diagnostics()`` when the tracked optimizers' step is due (1, 1 + N, 1 + 2N, ...), else
+    {}; several trackers logging one step share one computation."""
+    steps = [getattr(o, "step_count", 0) for o in list(_LIVE)]
+    step = max(steps) if steps else 0
+    if step == 0 or (step - 1) % log_every() != 0:
+        return {}
+    if _cache["step"] != step:
+        _cache.update(step=step, values=diagnostics())
+    return _cache["values"]
+
+
+def _wrap_tracker_log(cls: type) -> None:
+    log_fn = cls.__dict__.get("log")
+    if log_fn is None or getattr(log_fn, MARKER, False):
+        return
+
+    @functools.wraps(log_fn)
+    def hina_log(self: Any, values: Any, *args: Any, **kwargs: Any) -> Any:
+        if _LIVE and isinstance(values, dict) and any(str(k).startswith("lr/") for k in values):
+            values = {**values, **step_diagnostics()}
+        return log_fn(self, values, *args, **kwargs)
+
+    setattr(hina_log, MARKER, True)
+    cls.log = hina_log
+
+
 def _feed_loss(accelerator: Any, loss: Any) -> None:
     takers = [o for o in list(_LIVE) if callable(getattr(o, "set_loss", None))]
     if not takers or not hasattr(loss, "detach"):
@@ -71,8 +100,8 @@ def _feed_loss(accelerator: Any, loss: Any) -> None:
 
 
 def install() -> bool:
-    """Wrap ``accelerate.Accelerator.backward`` and ``.log`` once. False when accelerate is not
-    loaded (it is never imported from here)."""
+    """Wrap ``accelerate.Accelerator.backward`` and the trackers' ``log`` once. False when
+    accelerate is not loaded (it is never imported from here)."""
     acc = sys.modules.get("accelerate")
     cls = getattr(acc, "Accelerator", None) if acc is not None else None
     if cls is None:
@@ -87,16 +116,10 @@ def install() -> bool:
 
         setattr(hina_backward, MARKER, True)
         cls.backward = hina_backward
-    log_fn = getattr(cls, "log", None)
-    if log_fn is not None and not getattr(log_fn, MARKER, False):
-        @functools.wraps(log_fn)
-        def hina_log(self: Any, values: Any, *args: Any, **kwargs: Any) -> Any:
-            if _LIVE and isinstance(values, dict) and any(str(k).startswith("lr/") for k in values):
-                _calls["log"] += 1
-                if (_calls["log"] - 1) % log_every() == 0:
-                    values = {**values, **diagnostics()}
-            return log_fn(self, values, *args, **kwargs)
-
-        setattr(hina_log, MARKER, True)
-        cls.log = hina_log
+    tracking = sys.modules.get("accelerate.tracking") or getattr(acc, "tracking", None)
+    base = getattr(tracking, "GeneralTracker", None)
+    if isinstance(base, type):
+        for tracker in list(vars(tracking).values()):
+            if isinstance(tracker, type) and issubclass(tracker, base) and tracker is not base:
+                _wrap_tracker_log(tracker)
     return True
