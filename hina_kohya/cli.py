@@ -110,6 +110,19 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_patch(args: argparse.Namespace) -> int:
+    from .patching import run
+
+    if bool(args.sd_scripts) == bool(args.lycoris):
+        print("hina-kohya patch: give exactly one of --sd-scripts DIR or --lycoris DIR", file=sys.stderr)
+        return 2
+    kind, folder = ("sd-scripts", args.sd_scripts) if args.sd_scripts else ("lycoris", args.lycoris)
+    code, lines = run(kind, folder, args.mode)
+    for line in lines:
+        print(line, file=sys.stderr if code == 2 else sys.stdout)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hina-kohya", description="Hina optimizers for kohya sd-scripts and LyCORIS")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--network-module", dest="network_module",
                      help="the --network_module you train with, e.g. lycoris.kohya or hina_kohya.networks.lycoris")
     doc.set_defaults(func=_cmd_doctor)
+
+    pat = sub.add_parser("patch", help="edit sd-scripts / LyCORIS files instead of using the wrapper modules")
+    pat.add_argument("--sd-scripts", dest="sd_scripts", help="an sd-scripts checkout")
+    pat.add_argument("--lycoris", help="a folder holding lycoris/kohya.py (a LyCORIS checkout or site-packages)")
+    mode = pat.add_mutually_exclusive_group()
+    mode.add_argument("--check", dest="mode", action="store_const", const="check",
+                      help="report whether the patch applies (default; changes nothing)")
+    mode.add_argument("--apply", dest="mode", action="store_const", const="apply", help="apply it (all or nothing)")
+    mode.add_argument("--revert", dest="mode", action="store_const", const="revert", help="undo it")
+    pat.set_defaults(func=_cmd_patch, mode="check")
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_command", required=True)

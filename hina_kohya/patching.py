@@ -1,0 +1,186 @@
+"""``hina-kohya patch``: the diffs in ``patches/`` for users who prefer editing sd-scripts / LyCORIS
+files to the wrapper modules (INTEGRATION.md §6).
+
+A small unified-diff applier, so that no ``patch`` program is needed: each hunk's old lines must be
+found exactly (at the line the diff names, or shifted when the file changed elsewhere); ``--apply``
+and ``--revert`` check every hunk of every file first and write nothing unless all of them fit;
+files are replaced whole (a temporary file, then a rename) and only inside the target folder
+(its real path: a symlink that leads out of it is refused).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+PATCH_DIR = Path(__file__).with_name("patches")
+MARKER = "hina-kohya:"  # every block the patches add carries it (in a comment)
+
+# kind -> (diff file, files whose presence makes a folder that kind of checkout, what to pass)
+TARGETS = {
+    "sd-scripts": ("sd-scripts.diff", ("library/train_util.py", "train_network.py"),
+                   "an sd-scripts checkout (the folder holding train_network.py)"),
+    "lycoris": ("lycoris.diff", ("lycoris/kohya.py",),
+                "a LyCORIS checkout or the site-packages folder of lycoris-lora (the folder holding lycoris/kohya.py)"),
+}
+
+_HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
+
+
+@dataclass
+class Hunk:
+    old_start: int  # 1-based, as in the diff
+    old: list[str]
+    new: list[str]
+
+
+@dataclass
+class FilePatch:
+    path: str
+    hunks: list[Hunk]
+
+
+def parse(text: str) -> list[FilePatch]:
+    """The file sections of a unified diff (``--- a/x`` / ``+++ b/x`` / ``@@`` hunks). A hunk ends
+    when the line counts of its header are used up (so a ``--- `` header after it is not read as
+    a removed line)."""
+    files: list[FilePatch] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        i += 1
+        if line.startswith("+++ "):
+            path = line[4:].split("\t")[0].strip()
+            files.append(FilePatch(path[2:] if path.startswith("b/") else path, []))
+        elif line.startswith("@@"):
+            m = _HUNK.match(line)
+            if m is None or not files:
+                raise ValueError(f"malformed hunk header {line!r}")
+            hunk = Hunk(int(m.group(1)), [], [])
+            old_left = int(m.group(2) or 1)
+            new_left = int(m.group(4) or 1)
+            while (old_left > 0 or new_left > 0) and i < len(lines):
+                body = lines[i]
+                i += 1
+                if body.startswith("\\"):  # "\ No newline at end of file"
+                    continue
+                tag, rest = (body[:1], body[1:]) if body else (" ", "")
+                if tag in (" ", "-"):
+                    hunk.old.append(rest)
+                    old_left -= 1
+                if tag in (" ", "+"):
+                    hunk.new.append(rest)
+                    new_left -= 1
+                if tag not in (" ", "-", "+"):
+                    raise ValueError(f"malformed hunk line {body!r}")
+            files[-1].hunks.append(hunk)
+    return files
+
+
+def _find(lines: list[str], block: list[str], expected: int) -> Optional[int]:
+    """Index where ``block`` occurs in ``lines``, the occurrence nearest to ``expected``."""
+    n = len(block)
+    hits = [i for i in range(len(lines) - n + 1) if lines[i:i + n] == block]
+    return min(hits, key=lambda i: abs(i - expected)) if hits else None
+
+
+def patch_text(text: str, fp: FilePatch, reverse: bool = False) -> tuple[Optional[str], list[str]]:
+    """The patched text, or None and the hunks that do not fit."""
+    newline = "\r\n" if "\r\n" in text else "\n"
+    lines = text.splitlines()
+    problems: list[str] = []
+    edits = []
+    for k, h in enumerate(fp.hunks, 1):
+        old, new = (h.new, h.old) if reverse else (h.old, h.new)
+        at = _find(lines, old, h.old_start - 1)
+        if at is None:
+            problems.append(f"{fp.path}: hunk {k} (near line {h.old_start}) does not match the file")
+        else:
+            edits.append((at, len(old), new))
+    if problems:
+        return None, problems
+    for at, length, new in sorted(edits, reverse=True):  # bottom-up: earlier line numbers stay valid
+        lines[at:at + length] = new
+    return newline.join(lines) + (newline if text.endswith(("\n", "\r\n")) else ""), []
+
+
+def _inside(root: Path, rel: str) -> Path:
+    real_root = Path(os.path.realpath(root))
+    target = Path(os.path.realpath(root / rel))
+    if real_root not in target.parents:
+        raise PermissionError(f"{rel} resolves to {target}, outside {real_root}: refusing to touch it")
+    return target
+
+
+def _write(path: Path, text: str) -> None:
+    mode = path.stat().st_mode
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".hina-kohya")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run(kind: str, folder: str, mode: str = "check") -> tuple[int, list[str]]:
+    """Check, apply or revert the ``kind`` patch on ``folder``: (exit code, report lines).
+    Exit 0: done / applies cleanly; 1: it does not fit (nothing changed); 2: bad target."""
+    diff_name, required, what = TARGETS[kind]
+    root = Path(folder)
+    missing = [r for r in required if not (root / r).is_file()]
+    if missing:
+        return 2, [f"{folder}: not {what} ({', '.join(missing)} missing); nothing changed."]
+    diff_text = (PATCH_DIR / diff_name).read_text(encoding="utf-8")
+    version = next((ln[2:] for ln in diff_text.splitlines() if ln.startswith("# Upstream version:")), "")
+    report = [f"{diff_name}: {version.strip()}"]
+    try:
+        files = [(fp, _inside(root, fp.path)) for fp in parse(diff_text)]
+    except PermissionError as exc:
+        return 2, report + [f"{exc}; nothing changed."]
+    originals = {fp.path: path.read_text(encoding="utf-8") for fp, path in files}
+    applied = [fp.path for fp, _ in files if MARKER in originals[fp.path]]
+    if mode == "check":
+        for fp, _ in files:
+            forward, problems = patch_text(originals[fp.path], fp)
+            backward, _ = patch_text(originals[fp.path], fp, reverse=True)
+            state = ("already applied (--revert undoes it)" if fp.path in applied and backward is not None
+                     else "applies cleanly" if forward is not None
+                     else "does not apply: " + "; ".join(problems) +
+                     " -- upstream changed; use the wrapper network modules instead, which need no patch")
+            report.append(f"{fp.path}: {state}")
+        ok = all("does not apply" not in line for line in report[1:])
+        return (0 if ok else 1), report
+    if mode == "apply" and applied:
+        return 1, report + [f"{', '.join(applied)}: already patched (hina-kohya lines present); run --revert first. "
+                            "Nothing changed."]
+    if mode == "revert" and len(applied) != len(files):
+        clean = [fp.path for fp, _ in files if fp.path not in applied]
+        return 1, report + [f"{', '.join(clean)}: not patched; nothing to revert. Nothing changed."]
+    results = {}
+    problems: list[str] = []
+    for fp, _ in files:
+        out, bad = patch_text(originals[fp.path], fp, reverse=(mode == "revert"))
+        problems += bad
+        results[fp.path] = out
+    if problems:
+        return 1, report + problems + ["Nothing changed."]
+    written: list[tuple[Path, str]] = []
+    try:
+        for fp, path in files:
+            _write(path, results[fp.path])
+            written.append((path, originals[fp.path]))
+    except BaseException:
+        for path, text in written:  # all or nothing
+            _write(path, text)
+        raise
+    verb = "patched" if mode == "apply" else "restored"
+    return 0, report + [f"{fp.path}: {verb}" for fp, _ in files]
