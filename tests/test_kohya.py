@@ -152,6 +152,18 @@ def test_short_names_aliases_and_dotted_paths_build_our_optimizers(train_util, n
     assert opt.structure.pairs  # the names reached the optimizer: the LoRA pair is found
 
 
+def test_the_log_says_whether_names_reached_the_optimizer(train_util, caplog):
+    install()
+    with caplog.at_level("INFO", logger="hina_kohya.kohya.hooks"):
+        train_util.get_optimizer(_args("HinaAdamW"), _params())
+    assert "1 group(s), 2 of 2 parameters named" in caplog.text and "no parameter names" not in caplog.text
+    caplog.clear()
+    unnamed = [{"params": list(_params()[0]["params"]), "lr": 1e-4}]
+    with caplog.at_level("INFO", logger="hina_kohya.kohya.hooks"):
+        train_util.get_optimizer(_args("HinaAdamW"), unnamed)
+    assert "0 of 2 parameters named" in caplog.text and "hina_kohya.networks.lycoris" in caplog.text
+
+
 @pytest.mark.parametrize("name", ["AdamW", "AdamW8bit", "Prodigy", "torch.optim.SGD", "HinaAdaptive",
                                   "some.module.HinaAdamW", "NotAnOptimizer"])
 def test_other_names_reach_the_original_unchanged(train_util, name):
@@ -160,6 +172,20 @@ def test_other_names_reach_the_original_unchanged(train_util, name):
     assert train_util.get_optimizer(args, _params()) == UPSTREAM
     assert train_util.get_optimizer(args=args, trainable_params=[]) == UPSTREAM
     assert args.optimizer_type == name  # never mutated
+
+
+def test_a_typo_of_our_names_gets_suggestions_on_sd_scripts_error(train_util):
+    def upstream(args, trainable_params):  # sd-scripts' generic branch: getattr(torch.optim, name)
+        return getattr(torch.optim, args.optimizer_type)
+
+    train_util.get_optimizer = upstream
+    install()
+    with pytest.raises(AttributeError, match=r"did you mean HinaAdamW") as info:
+        train_util.get_optimizer(_args("HinaAdamV"), _params())
+    assert "torch.optim" in str(info.value)  # sd-scripts' own message is kept
+    with pytest.raises(AttributeError) as info:
+        train_util.get_optimizer(_args("Adamm"), _params())
+    assert "hina_kohya" not in str(info.value)  # nothing close to ours: untouched
 
 
 def test_optimizer_args_are_parsed_like_sd_scripts(train_util):

@@ -47,7 +47,7 @@ def test_groups_cover_every_parameter_once_with_aligned_names(algo):
         assert g["lr"] == (1e-5 if d.startswith("textencoder") else 1e-4)
 
 
-@pytest.mark.parametrize("algo", ["lokr", "lora_norm_dora", "dylora"])
+@pytest.mark.parametrize("algo", list(LYCORIS_ALGOS))
 def test_two_builds_give_the_same_groups(algo):
     first = _groups(LYCORIS_ALGOS[algo])
     second = _groups(LYCORIS_ALGOS[algo])

@@ -10,6 +10,7 @@ here ever imports sd-scripts: a process without ``library.train_util`` loaded is
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import sys
@@ -63,7 +64,15 @@ def build_registered_optimizer(args: Any, trainable_params: Any) -> Optional[tup
     accel.install()  # accelerate is imported by now even where it was not when the hooks went in
     name = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
     rendered = ",".join(f"{k}={v}" for k, v in kwargs.items())
-    log.info("hina_kohya: %s resolved to %s (%s)", args.optimizer_type, name, rendered or "defaults")
+    groups = optimizer.param_groups
+    total = sum(len(g["params"]) for g in groups)
+    named = sum(len(g["params"]) for g in groups if g.get("param_names") or g.get("named"))
+    log.info("hina_kohya: %s resolved to %s (%s); %d group(s), %d of %d parameters named", args.optimizer_type, name,
+             rendered or "defaults", len(groups), named, total)
+    if spec.uses_names and named == 0 and total:
+        log.warning("hina_kohya: no parameter names reached %s: its LoRA/LoKr-aware features stay off. Train with "
+                    "a wrapper network module (--network_module hina_kohya.networks.lycoris, "
+                    "hina_kohya.networks.lora, ...).", spec.name)
     return name, rendered, optimizer
 
 
@@ -81,6 +90,16 @@ def train_eval_for(optimizer: Any) -> Optional[tuple[Callable, Callable]]:
     return None
 
 
+def _close_names(optimizer_type: Any) -> str:
+    """Our registered names close to an unresolved ``--optimizer_type`` ("" when none is)."""
+    if not isinstance(optimizer_type, str) or not optimizer_type.strip():
+        return ""
+    last = optimizer_type.strip().rpartition(".")[2].lower()
+    names = registry.list_optimizers(include_aliases=True)
+    close = difflib.get_close_matches(last, [n.lower() for n in names], n=3, cutoff=0.75)
+    return ", ".join(n for n in names if n.lower() in close)
+
+
 def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
     return args[index] if len(args) > index else kwargs.get(name)
 
@@ -95,8 +114,21 @@ def install() -> bool:
     if original is not None and not getattr(original, MARKER, False):
         @functools.wraps(original)
         def get_optimizer(*args: Any, **kwargs: Any) -> Any:
-            built = build_registered_optimizer(_arg(args, kwargs, 0, "args"), _arg(args, kwargs, 1, "trainable_params"))
-            return built if built is not None else original(*args, **kwargs)
+            cli_args = _arg(args, kwargs, 0, "args")
+            built = build_registered_optimizer(cli_args, _arg(args, kwargs, 1, "trainable_params"))
+            if built is not None:
+                return built
+            try:
+                return original(*args, **kwargs)
+            except (AttributeError, ImportError, ValueError) as exc:
+                hint = _close_names(getattr(cli_args, "optimizer_type", ""))
+                if not hint:
+                    raise
+                try:  # a typo of one of our names: say so next to sd-scripts' own error
+                    richer = type(exc)(f"{exc} (hina_kohya: did you mean {hint}?)")
+                except Exception:  # an exception type that takes other arguments: keep it as it is
+                    raise exc from None
+                raise richer from exc
 
         setattr(get_optimizer, MARKER, True)
         tu.get_optimizer = get_optimizer
