@@ -27,10 +27,13 @@ def check_optimizer(optimizer_type: str, items: Optional[Iterable[str]],
     """(problems, notes) for an ``--optimizer_type`` / ``--optimizer_args`` pair."""
     problems: list[str] = []
     notes: list[str] = []
+    if optimizer_type is not None and not isinstance(optimizer_type, str):
+        return [f"optimizer_type must be a string, e.g. optimizer_type = \"HinaAdamW\", not {optimizer_type!r}"], notes
     spec = registry.resolve(optimizer_type or "")
     if spec is None:
         low = (optimizer_type or "").strip().lower()
-        if not low or low in UPSTREAM or ("." in low and not low.startswith("hina_kohya.")):
+        if (not low or low in UPSTREAM or ("." in low and not low.startswith("hina_kohya."))
+                or hasattr(torch.optim, (optimizer_type or "").strip())):
             notes.append(f"optimizer_type {optimizer_type!r} is not a hina_kohya optimizer: sd-scripts resolves it "
                          "itself; only the argument syntax is checked.")
             _syntax(items, problems)
@@ -44,9 +47,10 @@ def check_optimizer(optimizer_type: str, items: Optional[Iterable[str]],
                         f"Known: {', '.join(registry.list_optimizers())} (any case).")
         return problems, notes
     if "." in optimizer_type and optimizer_type.strip().lower().endswith("8bit"):
-        problems.append(f"optimizer_type {optimizer_type!r}: sd-scripts routes every name ending in 8bit "
-                        f"through its bitsandbytes branch (a dotted path must not end in 8bit); write optimizer_type={spec.cls.__module__.split('.')[0]}."
-                        f"{spec.cls.__name__.removesuffix('8bit')} with optimizer_args state_precision='8bit'.")
+        base = f"{spec.cls.__module__.split('.')[0]}.{spec.cls.__name__.removesuffix('8bit')}"
+        notes.append(f"optimizer_type {optimizer_type!r}: sd-scripts routes names ending in 8bit through its "
+                     f"bitsandbytes branch first, so bitsandbytes must import; optimizer_type={base} with "
+                     "optimizer_args state_precision='8bit' (the presets' form) avoids that.")
     notes.append(f"optimizer_type {optimizer_type!r} -> {spec.cls.__module__}.{spec.cls.__name__}")
     kwargs = _syntax(items, problems)
     defaults = signature_defaults(spec.cls)

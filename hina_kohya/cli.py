@@ -81,8 +81,8 @@ def _cmd_check_args(args: argparse.Namespace) -> int:
 
     if args.config_file:
         path = Path(args.config_file)
-        if not path.is_file() and path.with_suffix(".toml").is_file():  # sd-scripts appends .toml too
-            path = path.with_suffix(".toml")
+        if not args.config_file.endswith(".toml"):  # as sd-scripts reads it: ".toml" is appended
+            path = Path(args.config_file + ".toml")
         if not path.is_file():
             print(f"hina-kohya check-args: --config_file {args.config_file}: no such file", file=sys.stderr)
             return 2

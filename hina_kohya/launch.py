@@ -26,13 +26,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"hina_kohya.launch: {script!r} is not a Python script file. {USAGE}", file=sys.stderr)
         return 2
     folder = os.path.dirname(os.path.abspath(script))
+    if not os.path.isfile(os.path.join(folder, "library", "train_util.py")):
+        print(f"hina_kohya.launch: {script!r} does not sit in an sd-scripts checkout (no library/train_util.py in "
+              f"{folder}). Pass a training script from the sd-scripts folder.", file=sys.stderr)
+        return 2
     sys.argv = [script, *argv[1:]]
     sys.path.insert(0, folder)
     try:
         import library.train_util  # noqa: F401  (sd-scripts' module, found through the script's folder)
     except ImportError as exc:
-        print(f"hina_kohya.launch: {script!r} does not sit in an sd-scripts checkout: library.train_util is not "
-              f"importable from {folder} ({exc}). Pass a script from the sd-scripts folder.", file=sys.stderr)
+        print(f"hina_kohya.launch: sd-scripts' library.train_util does not import ({exc}): a dependency of "
+              "sd-scripts is missing in this environment; install them (pip install -r requirements.txt in the "
+              "sd-scripts folder).", file=sys.stderr)
         return 2
     from .kohya import install
 

@@ -90,14 +90,16 @@ def _find(lines: list[str], block: list[str], expected: int) -> Optional[int]:
 
 
 def patch_text(text: str, fp: FilePatch, reverse: bool = False) -> tuple[Optional[str], list[str]]:
-    """The patched text, or None and the hunks that do not fit."""
-    newline = "\r\n" if "\r\n" in text else "\n"
-    lines = text.splitlines()
+    """The patched text, or None and the hunks that do not fit. Lines are split on ``\\n`` only
+    and compared without a trailing ``\\r``: every byte the hunks do not touch is kept, and added
+    lines take the line ending of the block they replace (CRLF files stay CRLF)."""
+    lines = text.split("\n")
+    bare = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
     problems: list[str] = []
     edits = []
     for k, h in enumerate(fp.hunks, 1):
         old, new = (h.new, h.old) if reverse else (h.old, h.new)
-        at = _find(lines, old, h.old_start - 1)
+        at = _find(bare, old, h.old_start - 1)
         if at is None:
             problems.append(f"{fp.path}: hunk {k} (near line {h.old_start}) does not match the file")
         else:
@@ -105,8 +107,9 @@ def patch_text(text: str, fp: FilePatch, reverse: bool = False) -> tuple[Optiona
     if problems:
         return None, problems
     for at, length, new in sorted(edits, reverse=True):  # bottom-up: earlier line numbers stay valid
-        lines[at:at + length] = new
-    return newline.join(lines) + (newline if text.endswith(("\n", "\r\n")) else ""), []
+        ending = "\r" if any(ln.endswith("\r") for ln in lines[at:at + length]) else ""
+        lines[at:at + length] = [ln + ending for ln in new]
+    return "\n".join(lines), []
 
 
 def _inside(root: Path, rel: str) -> Path:
@@ -117,12 +120,16 @@ def _inside(root: Path, rel: str) -> Path:
     return target
 
 
+def _read(path: Path) -> str:
+    return path.read_bytes().decode("utf-8")  # no newline translation: bytes round-trip exactly
+
+
 def _write(path: Path, text: str) -> None:
     mode = path.stat().st_mode
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".hina-kohya")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode("utf-8"))
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
@@ -146,36 +153,41 @@ def run(kind: str, folder: str, mode: str = "check") -> tuple[int, list[str]]:
         files = [(fp, _inside(root, fp.path)) for fp in parse(diff_text)]
     except PermissionError as exc:
         return 2, report + [f"{exc}; nothing changed."]
-    originals = {fp.path: path.read_text(encoding="utf-8") for fp, path in files}
-    applied = [fp.path for fp, _ in files if MARKER in originals[fp.path]]
+    absent = [fp.path for fp, path in files if not path.is_file()]
+    if absent:
+        return (1 if mode == "check" else 2), report + [
+            f"{', '.join(absent)}: missing in {folder} (another sd-scripts / LyCORIS version than the patch's); "
+            "use the wrapper network modules instead. Nothing changed."]
+    originals = {fp.path: _read(path) for fp, path in files}
+    # each file's state: "patched" (our lines present and removable), "clean" (the patch fits) or a problem
+    states: dict[str, str] = {}
+    for fp, _ in files:
+        text = originals[fp.path]
+        forward, problems = patch_text(text, fp)
+        if MARKER in text:
+            states[fp.path] = "patched" if patch_text(text, fp, reverse=True)[0] is not None else \
+                "hina-kohya lines present but not as this patch wrote them; restore the file (git checkout) first"
+        else:
+            states[fp.path] = "clean" if forward is not None else "; ".join(problems)
+    broken = {k: v for k, v in states.items() if v not in ("patched", "clean")}
     if mode == "check":
         for fp, _ in files:
-            forward, problems = patch_text(originals[fp.path], fp)
-            backward, _ = patch_text(originals[fp.path], fp, reverse=True)
-            state = ("already applied (--revert undoes it)" if fp.path in applied and backward is not None
-                     else "applies cleanly" if forward is not None
-                     else "does not apply: " + "; ".join(problems) +
-                     " -- upstream changed; use the wrapper network modules instead, which need no patch")
-            report.append(f"{fp.path}: {state}")
-        ok = all("does not apply" not in line for line in report[1:])
-        return (0 if ok else 1), report
-    if mode == "apply" and applied:
-        return 1, report + [f"{', '.join(applied)}: already patched (hina-kohya lines present); run --revert first. "
-                            "Nothing changed."]
-    if mode == "revert" and len(applied) != len(files):
-        clean = [fp.path for fp, _ in files if fp.path not in applied]
-        return 1, report + [f"{', '.join(clean)}: not patched; nothing to revert. Nothing changed."]
-    results = {}
-    problems: list[str] = []
-    for fp, _ in files:
-        out, bad = patch_text(originals[fp.path], fp, reverse=(mode == "revert"))
-        problems += bad
-        results[fp.path] = out
-    if problems:
-        return 1, report + problems + ["Nothing changed."]
+            st = states[fp.path]
+            report.append(f"{fp.path}: " + ("already applied (--revert undoes it)" if st == "patched" else
+                                             "applies cleanly" if st == "clean" else
+                                             f"does not apply: {st} -- upstream changed; use the wrapper network "
+                                             "modules instead, which need no patch"))
+        return (1 if broken else 0), report
+    if broken:
+        return 1, report + [f"{k}: {v}" for k, v in broken.items()] + ["Nothing changed."]
+    todo = [(fp, path) for fp, path in files if states[fp.path] == ("clean" if mode == "apply" else "patched")]
+    if not todo:
+        return 1, report + ["already patched; nothing to apply (--revert undoes it). Nothing changed." if mode == "apply"
+                            else "not patched; nothing to revert. Nothing changed."]
+    results = {fp.path: patch_text(originals[fp.path], fp, reverse=(mode == "revert"))[0] for fp, _ in todo}
     written: list[tuple[Path, str]] = []
     try:
-        for fp, path in files:
+        for fp, path in todo:
             _write(path, results[fp.path])
             written.append((path, originals[fp.path]))
     except BaseException:
@@ -183,4 +195,7 @@ def run(kind: str, folder: str, mode: str = "check") -> tuple[int, list[str]]:
             _write(path, text)
         raise
     verb = "patched" if mode == "apply" else "restored"
-    return 0, report + [f"{fp.path}: {verb}" for fp, _ in files]
+    done = {fp.path for fp, _ in todo}
+    skipped = [f"{fp.path}: {'already patched' if mode == 'apply' else 'not patched'}, left as it is"
+               for fp, _ in files if fp.path not in done]
+    return 0, report + [f"{fp.path}: {verb}" for fp, _ in todo] + skipped

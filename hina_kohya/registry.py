@@ -7,6 +7,7 @@ it. Here it is also the Python entry point: ``create_optimizer("hinaadamw", para
 from __future__ import annotations
 
 import difflib
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -59,7 +60,12 @@ def resolve(optimizer_type: str) -> OptimizerSpec | None:
         package, _, last = text.rpartition(".")
         if package.split(".")[0] != __name__.split(".")[0]:
             return None
-        return find(last)
+        spec = find(last)
+        try:  # only a path sd-scripts' own import would also find (hina_kohya.nope.X is not ours)
+            module = importlib.import_module(package)
+        except ImportError:
+            return None
+        return spec if spec is not None and getattr(module, last, None) is spec.cls else None
     return find(text)
 
 

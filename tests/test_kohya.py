@@ -186,6 +186,10 @@ def test_a_typo_of_our_names_gets_suggestions_on_sd_scripts_error(train_util):
     with pytest.raises(AttributeError) as info:
         train_util.get_optimizer(_args("Adamm"), _params())
     assert "hina_kohya" not in str(info.value)  # nothing close to ours: untouched
+    with pytest.raises(AttributeError) as info:
+        train_util.get_optimizer(_args("HinaAdamW8bits"), _params())
+    assert "did you mean" in str(info.value) and "HinaAdamW8bit?" in str(info.value)
+    assert registry.resolve("hina_kohya.nope.HinaAdamW") is None  # sd-scripts' import would fail too
 
 
 def test_optimizer_args_are_parsed_like_sd_scripts(train_util):
@@ -328,6 +332,14 @@ def test_launcher_installs_the_hook_for_scripts_without_a_network_module(tmp_pat
                          text=True, cwd=os.getcwd(), timeout=300)
     assert out.returncode == 0, out.stderr
     assert f"RESULT __main__ {expected}" in out.stdout
+
+
+def test_launcher_names_a_missing_sd_scripts_dependency(tmp_path):
+    script = _checkout(tmp_path) / "fine_tune.py"
+    (tmp_path / "library" / "train_util.py").write_text("import a_dependency_that_is_not_installed\n")
+    out = subprocess.run([sys.executable, "-m", "hina_kohya.launch", str(script), "HinaAdamW"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2 and "pip install -r requirements.txt" in out.stderr and "RESULT" not in out.stdout
 
 
 def test_launcher_refuses_a_script_outside_a_checkout(tmp_path):

@@ -224,3 +224,26 @@ def test_missing_wrapped_module_says_what_is_needed(monkeypatch):
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p])  # no cwd: no stray networks package
     with pytest.raises(ImportError, match="wraps networks.lora_sd3.*sd-scripts checkout"):
         import hina_kohya.networks.lora_sd3  # noqa: F401
+
+
+def test_flat_tensor_lists_are_one_group_and_type_errors_never_escape(monkeypatch):
+    from hina_kohya import integration
+    from hina_kohya.networks import groups as groups_mod
+
+    net, _, _ = lycoris_network(LYCORIS_ALGOS["lora"], module=wrapper)
+    params = [p for p in net.parameters()]
+    groups, descs = integration.split_param_groups(net, params)
+    # the parameters themselves, each once (a tensor taken for a group would come back as its rows)
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in params)
+    assert descs == ["group0"]  # text-encoder and U-Net parameters together: no single label
+
+
+    def broken(*args, **kwargs):
+        raise TypeError("boom")
+
+    monkeypatch.setattr(groups_mod, "parameter_names", broken)
+    # sd-scripts retries prepare_optimizer_params with the legacy signature on a TypeError: never ours
+    with pytest.raises(RuntimeError, match="naming the optimizer groups failed: boom"):
+        integration.split_param_groups(net, params)
+    with pytest.raises(RuntimeError, match="naming the optimizer groups failed: boom"):
+        net.prepare_optimizer_params(1e-5, 1e-4, 1e-4)

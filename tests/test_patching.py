@@ -64,6 +64,45 @@ def test_check_apply_refuse_twice_revert(tmp_path, kind):
     assert code == 1 and "nothing to revert" in report[-1]
 
 
+def test_bytes_outside_the_hunks_survive_apply_and_revert(tmp_path):
+    """CRLF files stay CRLF, odd characters (form feed, U+2028) are kept; revert gives the bytes back."""
+    original = _synthetic_checkout(tmp_path, "lycoris")
+    rel = next(iter(original))
+    crlf = ("# a form feed \x0c and a line separator \u2028 stay\n" + original[rel]).replace("\n", "\r\n")
+    (tmp_path / rel).write_bytes(crlf.encode("utf-8"))
+    before = (tmp_path / rel).read_bytes()
+    assert run("lycoris", str(tmp_path), "apply")[0] == 0
+    patched = (tmp_path / rel).read_bytes()
+    assert b"\r\n" in patched and b"\n" not in patched.replace(b"\r\n", b"") and MARKER.encode() in patched
+    assert run("lycoris", str(tmp_path), "revert")[0] == 0
+    assert (tmp_path / rel).read_bytes() == before
+
+
+def test_a_half_patched_checkout_can_be_finished_or_undone(tmp_path):
+    original = _synthetic_checkout(tmp_path, "sd-scripts")
+    before = _snapshot(tmp_path)
+    assert run("sd-scripts", str(tmp_path), "apply")[0] == 0
+    first = sorted(original)[0]
+    (tmp_path / first).write_text(original[first])  # e.g. a git checkout of one file
+    code, report = run("sd-scripts", str(tmp_path), "check")
+    assert code == 0 and f"{first}: applies cleanly" in report and any("already applied" in r for r in report)
+    code, report = run("sd-scripts", str(tmp_path), "apply")  # finishes the job
+    assert code == 0 and report[1] == f"{first}: patched" and any("already patched, left as it is" in r for r in report)
+    (tmp_path / first).write_text(original[first])
+    code, report = run("sd-scripts", str(tmp_path), "revert")  # or undoes the rest
+    assert code == 0 and _snapshot(tmp_path) == before
+
+
+def test_a_missing_target_file_is_reported(tmp_path):
+    original = _synthetic_checkout(tmp_path, "sd-scripts")
+    gone = sorted(original)[-1]
+    (tmp_path / gone).unlink()
+    before = _snapshot(tmp_path)
+    code, report = run("sd-scripts", str(tmp_path), "apply")
+    assert code == 2 and gone in report[-1] and "missing" in report[-1] and _snapshot(tmp_path) == before
+    assert run("sd-scripts", str(tmp_path), "check")[0] == 1
+
+
 def test_files_that_moved_still_take_the_patch(tmp_path):
     original = _synthetic_checkout(tmp_path, "sd-scripts")
     for rel, text in original.items():

@@ -47,8 +47,9 @@ def test_each_preset_builds_and_trains(name):
                                      fused=False)
     assert type(opt) is presets.preset_class(name)
     kwargs = presets.load_preset(name)
-    in_groups = [k for k in kwargs if k in opt.defaults]  # engine options (state_precision) are not group keys
-    assert len(in_groups) >= len(kwargs) - 1
+    in_groups = [k for k in kwargs if k in opt.defaults]
+    assert set(kwargs) - set(in_groups) <= {"state_precision"}  # the engine option, checked below
+    assert opt.state_precision == kwargs.get("state_precision", "fp32")
     assert all(opt.param_groups[0][k] == kwargs[k] for k in in_groups)  # the preset's lr, decay, ... reach the group
     losses = train(m, opt, 12)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
@@ -103,10 +104,13 @@ def test_check_args_reports_every_problem_with_a_fix():
         ([], ["optimizer_type 'HinaAdamW' -> hina_kohya.optim.hina_adamw.HinaAdamW"])
     problems, _ = check_optimizer("HinaAdamV", [])
     assert "Did you mean HinaAdamW" in problems[0]
-    problems, _ = check_optimizer("hina_kohya.Automagic_CameAMP8bit", [])
-    assert "state_precision='8bit'" in problems[0] and "hina_kohya.Automagic_CameAMP " in problems[0]
-    problems, notes = check_optimizer("AdamW", ["betas=0.9,0.99"])
-    assert problems == [] and "not a hina_kohya optimizer" in notes[0]
+    problems, notes = check_optimizer("hina_kohya.Automagic_CameAMP8bit", [])
+    assert problems == [] and "state_precision='8bit'" in notes[0] and "hina_kohya.Automagic_CameAMP " in notes[0]
+    for upstream in ("AdamW", "SGD", "Adam", "torch.optim.RMSprop"):
+        problems, notes = check_optimizer(upstream, ["betas=0.9,0.99"])
+        assert problems == [] and "not a hina_kohya optimizer" in notes[0], upstream
+    problems, _ = check_optimizer(5, [])
+    assert "optimizer_type must be a string" in problems[0]
 
 
 def test_check_config_types(tmp_path, capsys):
@@ -121,6 +125,8 @@ def test_check_config_types(tmp_path, capsys):
     good.write_text(presets.preset_text("lokr-sd"))
     assert main(["check-args", "--config_file", str(good)]) == 0
     assert "OK:" in capsys.readouterr().out
+    (tmp_path / "run.cfg.toml").write_text(presets.preset_text("hina-llm"))
+    assert main(["check-args", "--config_file", str(tmp_path / "run.cfg")]) == 0  # sd-scripts appends .toml
     assert main(["check-args", "--config_file", str(tmp_path / "missing.toml")]) == 2
     assert main(["check-args"]) == 2
     assert check_config("not = [toml")[0][0].startswith("not valid TOML")

@@ -94,6 +94,10 @@ def _close_names(optimizer_type: Any) -> str:
     """Our registered names close to an unresolved ``--optimizer_type`` ("" when none is)."""
     if not isinstance(optimizer_type, str) or not optimizer_type.strip():
         return ""
+    from ..check import UPSTREAM  # sd-scripts' own names (AdamW8bit, ...) are not typos of ours
+
+    if optimizer_type.strip().lower() in UPSTREAM:
+        return ""
     last = optimizer_type.strip().rpartition(".")[2].lower()
     names = registry.list_optimizers(include_aliases=True)
     close = difflib.get_close_matches(last, [n.lower() for n in names], n=3, cutoff=0.75)
@@ -120,7 +124,7 @@ def install() -> bool:
                 return built
             try:
                 return original(*args, **kwargs)
-            except (AttributeError, ImportError, ValueError) as exc:
+            except (AttributeError, ModuleNotFoundError) as exc:  # sd-scripts' generic branch found nothing
                 hint = _close_names(getattr(cli_args, "optimizer_type", ""))
                 if not hint:
                     raise
@@ -128,6 +132,8 @@ def install() -> bool:
                     richer = type(exc)(f"{exc} (hina_kohya: did you mean {hint}?)")
                 except Exception:  # an exception type that takes other arguments: keep it as it is
                     raise exc from None
+                if isinstance(exc, ImportError):
+                    richer.name, richer.path = exc.name, exc.path
                 raise richer from exc
 
         setattr(get_optimizer, MARKER, True)

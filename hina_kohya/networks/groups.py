@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
+
 from .. import roles
 
 _TRUE = ("true", "1", "yes")
@@ -102,10 +104,12 @@ def split_param_groups(network: Any, groups: list, descriptions: Optional[list] 
     ``weight_decay``; its no-decay part follows it, described ``<description> no_decay``, with
     ``weight_decay = 0.0``. Empty parts are dropped."""
     names_by_id = parameter_names(network)
+    if groups and all(isinstance(g, torch.Tensor) for g in groups):  # torch's flat form: one group
+        groups = [{"params": list(groups)}]
     out_groups: list[dict] = []
     out_desc: list[str] = []
     for gi, group in enumerate(groups):
-        group = group if isinstance(group, dict) else {"params": group}
+        group = group if isinstance(group, dict) else {"params": [group] if isinstance(group, torch.Tensor) else group}
         params = list(group["params"])
         names = [names_by_id.get(id(p), f"unnamed_group{gi}.param{j}") for j, p in enumerate(params)]
         desc = descriptions[gi] if descriptions is not None and gi < len(descriptions) else None
