@@ -256,3 +256,13 @@ def decays(name: Optional[str], shape: Sequence[int], decay_full: bool = False,
         leaf = name.rpartition(".")[2]
         return leaf != "bias" and sum(d != 1 for d in shape) > 1
     return True
+
+
+def component_of(names: Sequence[str]) -> Optional[str]:
+    """"textencoder" or "unet" when every name has that sd-scripts / LyCORIS prefix (``lora_te*`` /
+    ``lora_unet``), else None: the description sd-scripts would log a group's rate under."""
+    if names and all(n.startswith("lora_te") for n in names):
+        return "textencoder"
+    if names and all(n.startswith("lora_unet") for n in names):
+        return "unet"
+    return None

@@ -90,11 +90,7 @@ def parameter_names(network: Any) -> dict[int, str]:
 
 
 def _label(names: list[str], index: int) -> str:
-    if names and all(n.startswith("lora_te") for n in names):
-        return "textencoder"
-    if names and all(n.startswith("lora_unet") for n in names):
-        return "unet"
-    return f"group{index}"
+    return roles.component_of(names) or f"group{index}"
 
 
 def split_param_groups(network: Any, groups: list, descriptions: Optional[list] = None,
