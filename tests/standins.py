@@ -89,15 +89,16 @@ class StandInTextEncoder(nn.Module):
         self.text_model.encoder.layers = nn.ModuleList([CLIPEncoderLayer(d) for _ in range(layers)])
 
 
-def lycoris_network(algo_args: dict, dim: int = 4, alpha: float = 2.0, seed: int = 0, module=None):
+def lycoris_network(algo_args: dict, dim: int = 4, alpha: float = 2.0, seed: int = 0, module=None, te_width: int = 48):
     """Build a real LyCORIS kohya network on the stand-ins (through ``module``'s create_network,
-    default ``lycoris.kohya``); returns (network, te, unet)."""
+    default ``lycoris.kohya``; ``te_width=64`` makes every width a power of two, as BOFT needs);
+    returns (network, te, unet)."""
     if module is None:
         from lycoris import kohya as module
 
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
     torch.manual_seed(seed)
-    te, unet = StandInTextEncoder(), StandInUNet()
+    te, unet = StandInTextEncoder(d=te_width), StandInUNet(context=te_width)
     net = module.create_network(1.0, dim, alpha, None, te, unet, **algo_args)
     net.apply_to(te, unet, True, True)
     return net, te, unet
