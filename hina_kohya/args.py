@@ -139,16 +139,19 @@ def validate_kwargs(cls: type, kwargs: dict[str, Any], owner: Optional[str] = No
     """Check names against ``cls``'s constructor, coerce types; range rules run in the constructor."""
     owner = owner or cls.__name__
     defaults = signature_defaults(cls)
-    out: dict[str, Any] = {}
-    for name, value in kwargs.items():
-        if name not in defaults:
-            hint = suggest(name, defaults)
-            if name != name.strip():
-                hint = (f" The key has surrounding spaces ({name!r}); sd-scripts keeps keys verbatim, write "
-                        f"'{name.strip()}=...' with no spaces around '='.") + hint
-            raise UnknownOptimizerArgument(f"{owner} has no argument {name!r}.{hint}")
-        out[name] = coerce(owner, name, value, defaults[name])
-    return out
+    return {name: validate_one(owner, defaults, name, value) for name, value in kwargs.items()}
+
+
+def validate_one(owner: str, defaults: dict[str, Any], name: str, value: Any) -> Any:
+    """One argument against the constructor's ``defaults`` (``signature_defaults``): the coerced
+    value, or UnknownOptimizerArgument / OptimizerArgumentError naming the fix."""
+    if name not in defaults:
+        hint = suggest(name, defaults)
+        if name != name.strip():
+            hint = (f" The key has surrounding spaces ({name!r}); sd-scripts keeps keys verbatim, write "
+                    f"'{name.strip()}=...' with no spaces around '='.") + hint
+        raise UnknownOptimizerArgument(f"{owner} has no argument {name!r}.{hint}")
+    return coerce(owner, name, value, defaults[name])
 
 
 def parse_literal(key: str, raw: str) -> Any:
@@ -168,21 +171,34 @@ def parse_literal(key: str, raw: str) -> Any:
 
 
 def split_items(items: Optional[Iterable[str]]) -> dict[str, Any]:
-    """sd-scripts' rule: ``key=value`` with exactly one '=', value through ast.literal_eval."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if not isinstance(item, str):
-            raise OptimizerArgumentError(f"optimizer_args: items must be strings 'key=value', got {item!r}")
-        parts = item.split("=")
-        if len(parts) != 2:
-            raise OptimizerArgumentError(
-                f"optimizer_args: {item!r} must be exactly one 'key=value' pair with a single '=' "
-                f"(sd-scripts splits on every '='); found {len(parts) - 1}.")
-        key, raw = parts
-        if key in out:
-            raise OptimizerArgumentError(f"optimizer_args: {key!r} is given twice; keep one.")
-        out[key] = parse_literal(key, raw)
+    """sd-scripts' rule: ``key=value`` with exactly one '=', value through ast.literal_eval.
+    Raises the first problem (``collect_items`` has them all)."""
+    out, problems = collect_items(items)
+    if problems:
+        raise problems[0]
     return out
+
+
+def collect_items(items: Optional[Iterable[str]]) -> tuple[dict[str, Any], list[OptimizerArgumentError]]:
+    """``split_items`` that goes on past a bad item: the parsed items and every problem, in order."""
+    out: dict[str, Any] = {}
+    problems: list[OptimizerArgumentError] = []
+    for item in items or []:
+        try:
+            if not isinstance(item, str):
+                raise OptimizerArgumentError(f"optimizer_args: items must be strings 'key=value', got {item!r}")
+            parts = item.split("=")
+            if len(parts) != 2:
+                raise OptimizerArgumentError(
+                    f"optimizer_args: {item!r} must be exactly one 'key=value' pair with a single '=' "
+                    f"(sd-scripts splits on every '='); found {len(parts) - 1}.")
+            key, raw = parts
+            if key in out:
+                raise OptimizerArgumentError(f"optimizer_args: {key!r} is given twice; keep one.")
+            out[key] = parse_literal(key, raw)
+        except OptimizerArgumentError as exc:
+            problems.append(exc)
+    return out, problems
 
 
 def parse_optimizer_args(items: Optional[Iterable[str]], cls: Optional[type] = None) -> dict[str, Any]:

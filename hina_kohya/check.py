@@ -13,7 +13,8 @@ from typing import Any, Iterable, Optional
 import torch
 
 from . import registry
-from .args import OptimizerArgumentError, coerce, signature_defaults, split_items, suggest
+from .args import OptimizerArgumentError, collect_items, signature_defaults, validate_one
+from .kohya.hooks import LR_IN_OPTIMIZER_ARGS
 
 # names sd-scripts resolves itself (INTEGRATION.md §1.3), lower-cased
 UPSTREAM = ("adamw", "adamw8bit", "lion", "lion8bit", "sgdnesterov", "sgdnesterov8bit", "pagedadamw8bit",
@@ -57,17 +58,12 @@ def check_optimizer(optimizer_type: str, items: Optional[Iterable[str]],
     valid: dict[str, Any] = {}
     for key, value in kwargs.items():
         if key == "lr":
-            problems.append("optimizer_args sets lr; set it with --learning_rate (or --unet_lr / --text_encoder_lr).")
-        elif key not in defaults:
-            hint = suggest(key, defaults)
-            if key != key.strip():
-                hint = f" The key has spaces ({key!r}): write '{key.strip()}=...' with none around '='." + hint
-            problems.append(f"{spec.name} has no argument {key!r}.{hint}")
-        else:
-            try:
-                valid[key] = coerce(spec.name, key, value, defaults[key])
-            except OptimizerArgumentError as exc:
-                problems.append(str(exc))
+            problems.append(LR_IN_OPTIMIZER_ARGS)
+            continue
+        try:
+            valid[key] = validate_one(spec.name, defaults, key, value)
+        except OptimizerArgumentError as exc:
+            problems.append(str(exc))
     if learning_rate is not None:
         valid["lr"] = learning_rate
     problems.extend(_ranges(spec.cls, valid))
@@ -75,18 +71,9 @@ def check_optimizer(optimizer_type: str, items: Optional[Iterable[str]],
 
 
 def _syntax(items: Optional[Iterable[str]], problems: list[str]) -> dict[str, Any]:
-    """Each item on its own, so that one bad item does not hide the next."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        try:
-            parsed = split_items([item])
-        except OptimizerArgumentError as exc:
-            problems.append(str(exc))
-            continue
-        for key, value in parsed.items():
-            if key in out:
-                problems.append(f"optimizer_args: {key!r} is given twice; keep one.")
-            out[key] = value
+    """Every item, so that one bad item does not hide the next."""
+    out, found = collect_items(items)
+    problems.extend(str(exc) for exc in found)
     return out
 
 

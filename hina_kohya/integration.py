@@ -22,7 +22,4 @@ __all__ = ["build_registered_optimizer", "split_param_groups", "train_eval_fn"]
 
 
 def split_param_groups(network: Any, groups: Any, descriptions: Optional[list] = None) -> tuple[list, list]:
-    try:
-        return _split(network, list(groups), None if descriptions is None else list(descriptions), GroupOptions())
-    except TypeError as exc:  # sd-scripts retries a TypeError with the legacy signature: never ours
-        raise RuntimeError(f"hina_kohya: naming the optimizer groups failed: {exc}") from exc
+    return _split(network, list(groups), None if descriptions is None else list(descriptions), GroupOptions())

@@ -159,16 +159,19 @@ def run(kind: str, folder: str, mode: str = "check") -> tuple[int, list[str]]:
             f"{', '.join(absent)}: missing in {folder} (another sd-scripts / LyCORIS version than the patch's); "
             "use the wrapper network modules instead. Nothing changed."]
     originals = {fp.path: _read(path) for fp, path in files}
-    # each file's state: "patched" (our lines present and removable), "clean" (the patch fits) or a problem
+    # each file's state: "patched" (our lines present and removable), "clean" (the patch fits) or a
+    # problem; with the text that undoes or applies it
     states: dict[str, str] = {}
+    results: dict[str, Optional[str]] = {}
     for fp, _ in files:
         text = originals[fp.path]
-        forward, problems = patch_text(text, fp)
         if MARKER in text:
-            states[fp.path] = "patched" if patch_text(text, fp, reverse=True)[0] is not None else \
+            results[fp.path] = patch_text(text, fp, reverse=True)[0]
+            states[fp.path] = "patched" if results[fp.path] is not None else \
                 "hina-kohya lines present but not as this patch wrote them; restore the file (git checkout) first"
         else:
-            states[fp.path] = "clean" if forward is not None else "; ".join(problems)
+            results[fp.path], problems = patch_text(text, fp)
+            states[fp.path] = "clean" if results[fp.path] is not None else "; ".join(problems)
     broken = {k: v for k, v in states.items() if v not in ("patched", "clean")}
     if mode == "check":
         for fp, _ in files:
@@ -184,7 +187,6 @@ def run(kind: str, folder: str, mode: str = "check") -> tuple[int, list[str]]:
     if not todo:
         return 1, report + ["already patched; nothing to apply (--revert undoes it). Nothing changed." if mode == "apply"
                             else "not patched; nothing to revert. Nothing changed."]
-    results = {fp.path: patch_text(originals[fp.path], fp, reverse=(mode == "revert"))[0] for fp, _ in todo}
     written: list[tuple[Path, str]] = []
     try:
         for fp, path in todo:

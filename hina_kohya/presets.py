@@ -70,22 +70,26 @@ def read_config(text: str) -> dict[str, Any]:
 def load_preset(name: str) -> dict[str, Any]:
     """The preset's optimizer arguments for Python use: ``lr`` and every ``optimizer_args`` entry,
     parsed and type-checked against the preset's class (``preset_class``)."""
-    values = read_config(preset_text(name))
-    cls = preset_class(name)
-    kwargs = validate_kwargs(cls, split_items(values.get("optimizer_args", [])))
-    return {"lr": float(values["learning_rate"]), **kwargs}
+    return _read(name)[1]
 
 
 def preset_class(name: str) -> type:
     """The optimizer class a preset names (by dotted path)."""
-    optimizer_type = read_config(preset_text(name)).get("optimizer_type", "")
-    spec = registry.resolve(optimizer_type)
-    if spec is None:  # pragma: no cover - the shipped presets are tested
-        raise ValueError(f"preset {name!r}: optimizer_type {optimizer_type!r} is not a hina_kohya optimizer")
-    return spec.cls
+    return _read(name)[0]
 
 
 def create_from_preset(name: str, params: Iterable, **overrides: Any):
     """Build the preset's optimizer over ``params``; ``overrides`` replace preset arguments."""
-    cls = preset_class(name)
-    return cls(params, **{**load_preset(name), **validate_kwargs(cls, overrides)})
+    cls, kwargs = _read(name)
+    return cls(params, **{**kwargs, **validate_kwargs(cls, overrides)})
+
+
+def _read(name: str) -> tuple[type, dict[str, Any]]:
+    """The preset's class and its checked arguments, from one read of its file."""
+    values = read_config(preset_text(name))
+    optimizer_type = values.get("optimizer_type", "")
+    spec = registry.resolve(optimizer_type)
+    if spec is None:  # pragma: no cover - the shipped presets are tested
+        raise ValueError(f"preset {name!r}: optimizer_type {optimizer_type!r} is not a hina_kohya optimizer")
+    kwargs = validate_kwargs(spec.cls, split_items(values.get("optimizer_args", [])))
+    return spec.cls, {"lr": float(values["learning_rate"]), **kwargs}

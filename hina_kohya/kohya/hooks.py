@@ -23,6 +23,8 @@ from . import accel
 log = logging.getLogger(__name__)
 
 MARKER = "__hina_kohya_hook__"
+LR_IN_OPTIMIZER_ARGS = ("optimizer_args sets lr; set the learning rate with --learning_rate (or --unet_lr / "
+                        "--text_encoder_lr) instead.")
 
 
 class SdScriptsArgumentError(AssertionError, ValueError):
@@ -55,8 +57,7 @@ def build_registered_optimizer(args: Any, trainable_params: Any) -> Optional[tup
     _check_upstream_rules(args)
     kwargs = parse_optimizer_args(getattr(args, "optimizer_args", None) or [], spec.cls)
     if "lr" in kwargs:
-        raise SdScriptsArgumentError("optimizer_args sets lr; set the learning rate with --learning_rate "
-                                     "(or --unet_lr / --text_encoder_lr) instead.")
+        raise SdScriptsArgumentError(LR_IN_OPTIMIZER_ARGS)
     optimizer = spec.cls(trainable_params, lr=getattr(args, "learning_rate", None), **kwargs)
     if callable(getattr(optimizer, "train", None)):
         optimizer.train()

@@ -27,11 +27,7 @@ def _groups_method(network: Any, original: Callable, options: GroupOptions) -> C
     def prepare(*args: Any, **kwargs: Any) -> tuple[list[dict], list[str]]:
         result = original(*args, **kwargs)  # a TypeError here is the caller's, for sd-scripts' retry
         groups, descriptions = result if isinstance(result, tuple) else (result, None)
-        try:
-            return split_param_groups(network, list(groups), None if descriptions is None else list(descriptions),
-                                      options)
-        except TypeError as exc:  # sd-scripts retries a TypeError with the legacy signature: never ours
-            raise RuntimeError(f"hina_kohya: naming the optimizer groups failed: {exc}") from exc
+        return split_param_groups(network, list(groups), None if descriptions is None else list(descriptions), options)
 
     setattr(prepare, MARK, True)
     return prepare

@@ -95,6 +95,16 @@ def _label(names: list[str], index: int) -> str:
 
 def split_param_groups(network: Any, groups: list, descriptions: Optional[list] = None,
                        options: GroupOptions = GroupOptions()) -> tuple[list[dict], list[str]]:
+    """``_split`` for callers inside sd-scripts' ``prepare_optimizer_params``: never a TypeError,
+    which sd-scripts would take for the legacy signature and retry the call with two arguments."""
+    try:
+        return _split(network, groups, descriptions, options)
+    except TypeError as exc:
+        raise RuntimeError(f"hina_kohya: naming the optimizer groups failed: {exc}") from exc
+
+
+def _split(network: Any, groups: list, descriptions: Optional[list],
+           options: GroupOptions) -> tuple[list[dict], list[str]]:
     """Named, decay-split groups and descriptions aligned with them (always a 2-tuple; same
     input, same output). A group's decay part keeps its description and inherits the optimizer's
     ``weight_decay``; its no-decay part follows it, described ``<description> no_decay``, with
