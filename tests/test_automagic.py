@@ -403,3 +403,21 @@ def test_step_makes_no_host_syncs(cls):  # defect 69: .item() per parameter per 
     with count_host_syncs() as syncs:
         opt.step()
     assert syncs.count == 0, syncs.by_method
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_log_dict_cautious_fraction_counts_only_tensors_cautious_ran_on(fused):
+    # Cautious starts at half the warm-up: before it, log_dict has no fraction (it crashed on the
+    # eager path when the per-tensor slots carried no count); after it, a fraction in [0, 1]
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(*s)) for s in [(8, 4), (16, 8), (8, 8, 1, 1)]]
+    opt = Automagic_CameAMP_Improved([{"params": ps, "param_names": ["a.lokr_w1", "a.lokr_w2", "b.lokr_w2"]}],
+                                     lr=1e-3, fused=fused, warmup_steps=4)
+    seen = []
+    for _ in range(6):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        seen.append(opt.log_dict().get("hina/cautious_kept/group0"))
+    assert seen[0] is None
+    assert seen[-1] is not None and 0.2 < seen[-1] < 1.0

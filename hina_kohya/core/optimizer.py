@@ -503,10 +503,9 @@ class HinaOptimizer(torch.optim.Optimizer):
         if b.lr_scale_t is not None:
             record.setdefault("rate_t", []).extend(b.lr_scale_t)
         kept = b.scratch.get("cautious_kept")
-        if kept is not None:
-            record.setdefault("kept", []).extend(kept)
-            record.setdefault("kept_n", 0)
-            record["kept_n"] += len(kept)
+        if kept is not None:  # per tensor: kept count + 1, or None / 0 where Cautious did not run on it
+            record.setdefault("kept", []).extend(
+                (k, p.numel()) for k, p in zip(kept, b.params) if k is not None)
 
     def log_dict(self) -> dict[str, float]:
         """Plain floats for TensorBoard / W&B, computed now (not every step).
@@ -531,8 +530,11 @@ class HinaOptimizer(torch.optim.Optimizer):
             out[f"hina/step_size/group{gi}"] = float(g["lr"]) * sum(rates) / len(rates)
             out[f"hina/wd_multiplier/group{gi}"] = sum(rec["decay"]) / len(rec["decay"])
             if rec.get("kept"):
-                kept = float(torch.stack([k.float() for k in rec["kept"]]).sum()) - rec["kept_n"]
-                out[f"hina/cautious_kept/group{gi}"] = kept / rec["elements"]
+                counts = torch.stack([k.float().reshape(()).cpu() for k, _ in rec["kept"]])
+                ran = counts > 0  # the fused kernels report 0 for a tensor Cautious skipped (a phase)
+                elements = float((ran.double() * torch.tensor([n for _, n in rec["kept"]], dtype=torch.float64)).sum())
+                if elements > 0:
+                    out[f"hina/cautious_kept/group{gi}"] = float(torch.where(ran, counts - 1, 0).sum()) / elements
         out["hina/nonfinite_skipped"] = float(self._nonfinite) if self._nonfinite is not None else 0.0
         masks = [(st["lr_mask"], g) for g in self.param_groups for p in g["params"]
                  for st in [self.state.get(p, {})] if "lr_mask" in st]
