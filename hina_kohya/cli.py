@@ -9,11 +9,23 @@ from typing import Optional, Sequence
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    print("hina-kohya demo: not yet available in this release.\n"
-          "The demo (train a LyCORIS LoKr adapter on a small pretrained diffusion denoiser, Hina preset vs AdamW) "
-          "arrives with the demo/benchmark milestone. What works today:\n"
-          "  hina-kohya list                 the registered optimizers\n"
-          "  hina-kohya bench step --quick   step time, state memory and host syncs against torch AdamW")
+    from .bench import demo
+
+    opts = demo.DemoOptions(preset=args.preset, optimizer=args.optimizer, algo=args.algo, steps=args.steps,
+                            batch=args.batch, lr=args.lr, adamw_lr=args.adamw_lr, device=args.device,
+                            output=args.output, seed=args.seed, progress=not args.no_progress, force=args.force,
+                            fused=args.fused)
+    if args.quick:
+        opts.steps, opts.n_train, opts.n_heldout, opts.batch = min(opts.steps, 20), 16, 32, min(opts.batch, 8)
+    try:
+        report = demo.run(opts)
+    except (demo.DemoError, ImportError, FileNotFoundError) as exc:
+        print(f"hina-kohya demo: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(demo.markdown(report))
+    print(f"wrote report.md, report.json, loss_curve.png, adapter_hina.safetensors, adapter_adamw.safetensors, "
+          f"diagnostics_hina.json to {opts.output}")
     return 0
 
 
@@ -34,6 +46,59 @@ def _cmd_bench_step(args: argparse.Namespace) -> int:
     rounds = args.rounds or (4 if args.quick else 30)
     step.main(sets, names, args.device, rounds, args.json)
     return 0
+
+
+class _Refused(Exception):
+    """A bad bench option; its message names the value and the fix."""
+
+
+def _training_bench(args: argparse.Namespace, command: str, run) -> int:
+    """The shared frame of ``bench converge`` and ``bench ablate``: seeds and steps (defaults by
+    --quick), then ``run(seeds, steps)`` -> (summary, what was written); errors as messages."""
+    from .bench import converge
+
+    seeds = args.seeds or (1 if args.quick else 3)
+    steps = args.steps or (4 if args.quick else 300)
+    try:
+        if seeds < 1 or steps < 1:
+            raise _Refused(f"--seeds {seeds} and --steps {steps} must be at least 1")
+        summary, written = run(seeds, steps)
+    except (_Refused, ValueError, ImportError, FileNotFoundError) as exc:
+        print(f"hina-kohya bench {command}: {exc}", file=sys.stderr)
+        return 2
+    print(converge.markdown(summary))
+    print(f"wrote {written} to {args.output}")
+    return 0
+
+
+def _cmd_bench_converge(args: argparse.Namespace) -> int:
+    from .bench import converge
+
+    def run(seeds: int, steps: int):
+        names = args.optimizer or list(converge.CANDIDATES)
+        unknown = [n for n in names if n not in converge.CANDIDATES]
+        if unknown:
+            raise _Refused(f"unknown optimizer {', '.join(unknown)}; choose from {', '.join(converge.CANDIDATES)}")
+        missing = converge.missing_packages(names)
+        if missing:
+            raise _Refused(f"the baselines need {' '.join(missing)}: pip install {' '.join(missing)} "
+                           "(or leave them out with --optimizer)")
+        summary = converge.main(args.task or list(converge.TASKS), names, seeds, steps, Path(args.output),
+                                args.quick, args.device, not args.no_progress)
+        return summary, "converge.md, converge.json, converge.png"
+    return _training_bench(args, "converge", run)
+
+
+def _cmd_bench_ablate(args: argparse.Namespace) -> int:
+    from .bench import ablate, converge
+
+    def run(seeds: int, steps: int):
+        if not (args.lr > 0):
+            raise _Refused(f"--lr {args.lr}: must be positive, e.g. 1e-3")
+        summary = ablate.main(args.recipe, args.task or list(converge.TASKS), args.lr, seeds, steps,
+                              Path(args.output), args.quick, args.device, not args.no_progress)
+        return summary, f"ablate-{args.recipe}.md, .json, .png"
+    return _training_bench(args, "ablate", run)
 
 
 def _cmd_bench_chunks(args: argparse.Namespace) -> int:
@@ -123,11 +188,42 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     return code
 
 
+def _training_bench_options(p: argparse.ArgumentParser, seeds_help: str) -> None:
+    p.add_argument("--task", action="append", choices=["adapter-lokr", "adapter-lora"],
+                   help="task (repeatable; default all)")
+    p.add_argument("--seeds", type=int, default=0, help=f"{seeds_help} (default 3; 1 with --quick)")
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps per run (default 300; 4 with --quick)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--output", default="hina-kohya-bench", help="output folder (default ./hina-kohya-bench)")
+    p.add_argument("--quick", action="store_true", help="tiny data, few steps, one seed: a smoke run")
+    p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hina-kohya", description="Hina optimizers for kohya sd-scripts and LyCORIS")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train a small adapter with a Hina preset and with AdamW, side by side")
+    demo = sub.add_parser("demo", help="train a small adapter with a Hina preset and with AdamW, side by side",
+                          description="Teach the shipped pretrained toy denoiser a new concept with a LyCORIS "
+                                      "adapter, once with a Hina preset and once with torch AdamW, from one seed; "
+                                      "report held-out loss, step time and optimizer memory.")
+    which = demo.add_mutually_exclusive_group()
+    which.add_argument("--preset", help="a preset from 'hina-kohya presets list' (default lokr-sd)")
+    which.add_argument("--optimizer", help="a registered optimizer (hina-kohya list) with its defaults instead")
+    demo.add_argument("--algo", default="lokr", choices=["lokr", "lora", "loha"], help="LyCORIS algorithm (default lokr)")
+    demo.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 300)")
+    demo.add_argument("--batch", type=int, default=16, help="images per step (default 16)")
+    demo.add_argument("--lr", type=float, help="the Hina run's learning rate (default: the preset's; 1e-3 with --optimizer)")
+    demo.add_argument("--adamw-lr", dest="adamw_lr", type=float, help="AdamW's learning rate (default: the Hina run's)")
+    demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    demo.add_argument("--output", default="hina-kohya-demo", help="output folder (default ./hina-kohya-demo)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the adapter initialisation, batches and data")
+    demo.add_argument("--force", action="store_true", help="overwrite a previous demo report in --output")
+    demo.add_argument("--fused", action="store_true",
+                      help="the Hina run uses the compiled kernels (their first step compiles for a minute or more "
+                           "on a CPU; default: the same math, eagerly)")
+    demo.add_argument("--quick", action="store_true", help="20 steps on a few images: a smoke run")
+    demo.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
 
     lst = sub.add_parser("list", help="list the registered optimizers")
@@ -179,6 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     bstep.add_argument("--quick", action="store_true", help="tiny set, few rounds: a smoke run")
     bstep.add_argument("--json", help="also write the results as JSON to this file")
     bstep.set_defaults(func=_cmd_bench_step)
+    bcv = bsub.add_parser("converge", help="held-out loss and steps to AdamW's final loss, best lr per optimizer")
+    bcv.add_argument("--optimizer", action="append", help="candidate (repeatable; default all)")
+    _training_bench_options(bcv, "seeds per learning rate")
+    bcv.set_defaults(func=_cmd_bench_converge)
+    bab = bsub.add_parser("ablate", help="each default-on technique of a recipe switched off in turn, same task")
+    bab.add_argument("--recipe", default="HinaAdamW",
+                     choices=["HinaAdamW", "AdaptiveHinaAdamW", "Automagic_CameAMP", "Automagic_CameAMP_COptim",
+                              "Automagic_CameAMP_Improved"], help="recipe (default HinaAdamW)")
+    bab.add_argument("--lr", type=float, default=1e-3, help="learning rate of every variant (default 1e-3)")
+    _training_bench_options(bab, "seeds per variant")
+    bab.set_defaults(func=_cmd_bench_ablate)
     bch = bsub.add_parser("chunks", help="fused kernels with different tensors per call, interleaved with AdamW")
     bch.add_argument("--optimizer", action="append", choices=["HinaAdamW", "AdaptiveHinaAdamW"],
                      help="recipe (repeatable; default both)")

@@ -1,0 +1,241 @@
+"""``hina-kohya bench converge``: convergence against AdamW, AdamW8bit, CAME and Prodigy, tuned fairly.
+
+Protocol, per task and optimizer: train at every learning rate of the optimizer's grid with every
+seed; pick the learning rate whose mean *validation* loss at the end is lowest; report, at that
+learning rate, the *held-out* loss (mean and spread over seeds; a set disjoint from the validation
+set) and how many steps the mean held-out curve needs to reach AdamW's final mean held-out loss
+(the issue's goal: at most 80 % of AdamW's steps). Runs with a non-finite loss count as diverged.
+
+Tasks (``TASKS``): the demo's adapter task (``adapter_task``: teach the pretrained toy denoiser a
+new concept) with a LyCORIS LoKr and a LoRA adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import adapter_task, denoiser
+
+TASKS = {"adapter-lokr": "lokr", "adapter-lora": "lora"}
+LR_GRID = (3e-4, 1e-3, 3e-3)
+
+
+def _hina(cls_name: str, **kw) -> Callable:
+    def make(groups, lr):
+        from .. import optim
+
+        return getattr(optim, cls_name)(groups, lr=lr, **kw)
+    return make
+
+
+def _preset(name: str) -> Callable:
+    def make(groups, lr):
+        from .. import presets
+
+        return presets.create_from_preset(name, groups, lr=lr)
+    return make
+
+
+def _adamw(groups, lr):
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
+
+
+def _bnb_adamw8bit(groups, lr):
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(groups, lr=lr, weight_decay=0.01)
+
+
+def _came(groups, lr):
+    from came_pytorch import CAME
+
+    return CAME(groups, lr=lr, weight_decay=0.01)
+
+
+def _prodigy(groups, lr):
+    from prodigyopt import Prodigy
+
+    return Prodigy(groups, lr=lr, weight_decay=0.01)
+
+
+#: name -> (label, factory(groups, lr), learning-rate grid, pip package it needs or None)
+CANDIDATES: dict[str, tuple[str, Callable, tuple, Optional[str]]] = {
+    "adamw": ("torch AdamW", _adamw, LR_GRID, None),
+    "bnb_adamw8bit": ("bitsandbytes AdamW8bit", _bnb_adamw8bit, LR_GRID, "bitsandbytes"),
+    "came": ("CAME (came-pytorch)", _came, LR_GRID, "came-pytorch"),
+    "prodigy": ("Prodigy (prodigyopt)", _prodigy, (0.5, 1.0, 2.0), "prodigyopt"),
+    "lokr-sd": ("preset lokr-sd (HinaAdamW)", _preset("lokr-sd"), LR_GRID, None),
+    "hina_adamw": ("HinaAdamW defaults", _hina("HinaAdamW"), LR_GRID, None),
+    "adaptive_hina_adamw": ("AdaptiveHinaAdamW defaults", _hina("AdaptiveHinaAdamW"), LR_GRID, None),
+    "automagic_cameamp": ("Automagic_CameAMP defaults", _hina("Automagic_CameAMP"), LR_GRID, None),
+    "automagic_cameamp_8bit": ("Automagic_CameAMP8bit defaults", _hina("Automagic_CameAMP", state_precision="8bit"),
+                               LR_GRID, None),
+    "automagic_cameamp_coptim": ("Automagic_CameAMP_COptim defaults", _hina("Automagic_CameAMP_COptim"), LR_GRID, None),
+    "automagic_cameamp_improved": ("Automagic_CameAMP_Improved defaults", _hina("Automagic_CameAMP_Improved"),
+                                   LR_GRID, None),
+}
+
+
+@dataclass
+class Cell:
+    """All seeds of one (task, optimizer, lr)."""
+    task: str
+    optimizer: str
+    lr: float
+    runs: list = field(default_factory=list)  # adapter_task.RunResult per seed
+
+    @property
+    def validation(self) -> float:
+        vals = [r.validation for r in self.runs]
+        return statistics.mean(vals) if all(math.isfinite(v) for v in vals) else float("inf")
+
+    def finals(self) -> list[float]:
+        return [r.final for r in self.runs]
+
+    def mean_curve(self) -> list[tuple[int, float]]:
+        steps = [s for s, _ in self.runs[0].curve]
+        if any(r.diverged_at is not None for r in self.runs):
+            return [(s, float("inf")) for s in steps]
+        return [(s, statistics.mean(r.curve[i][1] for r in self.runs)) for i, s in enumerate(steps)]
+
+
+def run(tasks: list[str], entries: list[tuple[str, Callable, tuple]], seeds: int, steps: int, batch: int = 16,
+        n_train: int = 64, n_heldout: int = 128, device: str = "cpu", progress: bool = True) -> list[Cell]:
+    """Every (task, entry, lr, seed) run. ``entries``: (key, factory(groups, lr), learning rates)."""
+    dev = torch.device(device)
+    _, tables, _ = denoiser.load_pretrained()
+    data = adapter_task.make_data(tables, n_train, n_heldout, seed=0)
+    cells: list[Cell] = []
+    bar = denoiser._bar(sum(len(lrs) for _, _, lrs in entries) * len(tasks) * seeds, "bench", progress)
+    for task in tasks:
+        for key, make, lrs in entries:
+            for lr in lrs:
+                cell = Cell(task, key, lr)
+                for seed in range(seeds):
+                    unet = denoiser.load_pretrained()[0].to(dev)  # a fresh base per run: the adapter hooks into it
+                    network = adapter_task.make_network(unet, TASKS[task], seed)
+                    optimizer = make(adapter_task.named_groups(network, lr), lr)
+                    cell.runs.append(adapter_task.train(unet, network, optimizer, data, steps, batch, seed, key,
+                                                        max(1, steps // 10), dev, validation=True))
+                    bar.update(1)
+                cells.append(cell)
+    bar.close()
+    return cells
+
+
+QUICK = dict(batch=4, n_train=8, n_heldout=16)
+
+
+def report(cells: list[Cell], steps: int, seeds: int, labels: Optional[dict[str, str]] = None,
+           reference: str = "adamw") -> dict:
+    """Per task and optimizer: the best learning rate by mean validation loss, and at it the
+    held-out figures; steps are counted to the ``reference`` row's final mean held-out loss."""
+    labels = labels or {name: c[0] for name, c in CANDIDATES.items()}
+    out: dict = {"steps": steps, "seeds": seeds, "reference": labels.get(reference, reference), "tasks": {}}
+    for task in dict.fromkeys(c.task for c in cells):
+        best: dict[str, Cell] = {}
+        for c in (c for c in cells if c.task == task):
+            if c.optimizer not in best or c.validation < best[c.optimizer].validation:
+                best[c.optimizer] = c
+        ref = best.get(reference)
+        target = statistics.mean(ref.finals()) if ref is not None else None
+
+        def steps_to_target(c: Cell) -> Optional[int]:
+            return next((s for s, v in c.mean_curve() if target is not None and v <= target), None)
+
+        ref_steps = steps_to_target(ref) if ref is not None else None
+        rows = {}
+        for name, c in best.items():
+            finals = c.finals()
+            curve = c.mean_curve()
+            reached = steps_to_target(c)
+            rows[name] = {
+                "label": labels.get(name, name), "best_lr": c.lr,
+                "heldout_mean": statistics.mean(finals) if all(map(math.isfinite, finals)) else float("inf"),
+                "heldout_std": statistics.stdev(finals) if len(finals) > 1 and all(map(math.isfinite, finals)) else 0.0,
+                "steps_to_reference_final": reached,
+                "fraction_of_reference_steps": reached / ref_steps if reached is not None and ref_steps else None,
+                "diverged_runs": sum(r.diverged_at is not None for r in c.runs),
+                "lr_grid_validation": {str(o.lr): o.validation for o in cells if o.task == task and o.optimizer == name},
+                "optimizer_state_bytes": c.runs[0].state_bytes,
+                "optimizer_step_ms_median": statistics.median(r.median_ms("opt_step_s") for r in c.runs),
+                "mean_curve": curve,
+            }
+        out["tasks"][task] = {"reference_final": target, "rows": rows}
+    return out
+
+
+def markdown(summary: dict) -> str:
+    ref = summary["reference"]
+    lines = []
+    for task, t in summary["tasks"].items():
+        lines += [f"### {task} ({summary['steps']} steps, {summary['seeds']} seeds, best lr by validation loss)", "",
+                  f"| optimizer | best lr | held-out loss (mean ± sd) | steps to {ref}'s final loss | fraction of "
+                  f"{ref}'s steps | diverged runs | state KiB | optimizer.step ms |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in t["rows"].values():
+            frac = r["fraction_of_reference_steps"]
+            reached = r["steps_to_reference_final"]
+            lines.append(f"| {r['label']} | {r['best_lr']:g} | {r['heldout_mean']:.4f} ± {r['heldout_std']:.4f} | "
+                         f"{reached if reached is not None else 'not reached'} | "
+                         f"{f'{frac:.2f}' if frac is not None else 'not reached'} | {r['diverged_runs']} | "
+                         f"{r['optimizer_state_bytes'] / 1024:.1f} | {r['optimizer_step_ms_median']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    tasks = list(summary["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in summary["tasks"][task]["rows"].values():
+            pts = [(s, v) for s, v in r["mean_curve"] if math.isfinite(v)]
+            ax.plot([s for s, _ in pts], [v for _, v in pts], label=f"{r['label']} (lr {r['best_lr']:g})")
+        ax.set_title(task)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("held-out loss, mean over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def missing_packages(names: list[str]) -> list[str]:
+    """The pip packages the chosen baselines need and this environment lacks."""
+    import importlib.util
+
+    modules = {"bitsandbytes": "bitsandbytes", "came-pytorch": "came_pytorch", "prodigyopt": "prodigyopt"}
+    need = {CANDIDATES[n][3] for n in names if CANDIDATES[n][3]}
+    return sorted(p for p in need if importlib.util.find_spec(modules[p]) is None)
+
+
+def write(summary: dict, output: Path, stem: str) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+    (output / f"{stem}.md").write_text(markdown(summary))
+    plot(summary, output / f"{stem}.png")
+
+
+def main(tasks: list[str], names: list[str], seeds: int, steps: int, output: Path, quick: bool,
+         device: str = "cpu", progress: bool = True) -> dict:
+    entries = [(name, CANDIDATES[name][1], CANDIDATES[name][2]) for name in names]
+    cells = run(tasks, entries, seeds, steps, device=device, progress=progress, **(QUICK if quick else {}))
+    summary = report(cells, steps, seeds)
+    write(summary, output, "converge")
+    return summary

@@ -1,0 +1,86 @@
+"""``hina-kohya bench converge``: the protocol (best lr by validation, report on held-out) and a smoke run."""
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+from hina_kohya.bench import adapter_task, converge  # noqa: E402
+from hina_kohya.cli import main  # noqa: E402
+
+
+def _run(lr, curve, validation, diverged=None):
+    r = adapter_task.RunResult("x", curve=list(curve))
+    r.validation, r.diverged_at = validation, diverged
+    r.state_bytes, r.opt_step_s = 100, [0.001, 0.001, 0.001]
+    return r
+
+
+def test_best_lr_is_chosen_on_validation_and_reported_on_heldout():
+    cells = []
+    for name, lr, curve, val in [
+        ("adamw", 1e-3, [(0, 1.0), (5, 0.8), (10, 0.6)], 0.61),
+        ("adamw", 3e-3, [(0, 1.0), (5, 0.7), (10, 0.5)], 0.70),   # better held-out, worse validation
+        ("hina_adamw", 1e-3, [(0, 1.0), (5, 0.55), (10, 0.5)], 0.52),
+    ]:
+        c = converge.Cell("adapter-lokr", name, lr)
+        c.runs = [_run(lr, curve, val), _run(lr, [(s, v + 0.02) for s, v in curve], val)]
+        cells.append(c)
+    summary = converge.report(cells, steps=10, seeds=2)
+    rows = summary["tasks"]["adapter-lokr"]["rows"]
+    assert rows["adamw"]["best_lr"] == 1e-3  # chosen by validation, not by the held-out figure
+    assert summary["tasks"]["adapter-lokr"]["reference_final"] == pytest.approx(0.61)
+    assert rows["hina_adamw"]["steps_to_reference_final"] == 5
+    assert rows["hina_adamw"]["fraction_of_reference_steps"] == pytest.approx(0.5)
+    assert rows["adamw"]["heldout_std"] == pytest.approx(0.02 / math.sqrt(2))
+
+
+def test_a_diverged_seed_makes_the_learning_rate_lose():
+    good = converge.Cell("t", "adamw", 1e-3)
+    good.runs = [_run(1e-3, [(0, 1.0), (4, 0.9)], 0.9)]
+    bad = converge.Cell("t", "adamw", 1e-2)
+    bad.runs = [_run(1e-2, [(0, 1.0), (2, float("inf"))], float("nan"), diverged=2)]
+    summary = converge.report([bad, good], steps=4, seeds=1)
+    row = summary["tasks"]["t"]["rows"]["adamw"]
+    assert row["best_lr"] == 1e-3 and row["diverged_runs"] == 0
+    assert row["lr_grid_validation"]["0.01"] == float("inf")
+
+
+def test_quick_converge_writes_tables_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert main(["bench", "converge", "--quick", "--no-progress", "--task", "adapter-lokr", "--optimizer", "adamw",
+                 "--optimizer", "lokr-sd", "--steps", "3", "--output", str(out)]) == 0
+    assert "| preset lokr-sd (HinaAdamW) |" in capsys.readouterr().out
+    summary = json.loads((out / "converge.json").read_text())
+    rows = summary["tasks"]["adapter-lokr"]["rows"]
+    assert set(rows) == {"adamw", "lokr-sd"}
+    for row in rows.values():
+        assert math.isfinite(row["heldout_mean"]) and row["best_lr"] in converge.LR_GRID
+        assert len(row["lr_grid_validation"]) == len(converge.LR_GRID)
+    assert (out / "converge.md").stat().st_size > 0 and (out / "converge.png").stat().st_size > 0
+
+
+def test_converge_bad_options(tmp_path, capsys, monkeypatch):
+    assert main(["bench", "converge", "--optimizer", "adamx", "--output", str(tmp_path)]) == 2
+    assert "unknown optimizer adamx" in capsys.readouterr().err
+    monkeypatch.setattr(converge, "missing_packages", lambda names: ["prodigyopt"])
+    assert main(["bench", "converge", "--optimizer", "prodigy", "--output", str(tmp_path)]) == 2
+    assert "pip install prodigyopt" in capsys.readouterr().err
+
+
+def test_ablation_switches_off_each_default_technique(tmp_path):
+    from hina_kohya import optim
+    from hina_kohya.bench import ablate
+
+    assert ablate.default_on(optim.HinaAdamW) == ["use_spd", "use_cautious", "use_adopt_stability", "use_grams",
+                                                  "use_agr", "use_tam", "use_alora", "dynamic_weight_decay"]
+    assert "came" in ablate.default_on(optim.Automagic_CameAMP)
+    summary = ablate.main("Automagic_CameAMP", ["adapter-lora"], 1e-3, 1, 2, tmp_path, quick=True, progress=False)
+    rows = summary["tasks"]["adapter-lora"]["rows"]
+    assert set(rows) == {"defaults"} | {f"no_{s}" for s in ablate.default_on(optim.Automagic_CameAMP)}
+    assert all(math.isfinite(r["heldout_mean"]) for r in rows.values())
+    # the switch reached the optimizer: with CAME off the state differs in size
+    assert rows["no_came"]["optimizer_state_bytes"] != rows["defaults"]["optimizer_state_bytes"]
+    assert (tmp_path / "ablate-Automagic_CameAMP.md").exists()
