@@ -9,11 +9,6 @@ from hina_kohya.bench import paramsets, step
 from hina_kohya.cli import main
 
 
-def test_demo_says_honestly_it_is_not_available(capsys):
-    assert main(["demo"]) == 0
-    assert "not yet available" in capsys.readouterr().out
-
-
 def test_list_shows_registry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
