@@ -19,13 +19,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         opts.steps, opts.n_train, opts.n_heldout, opts.batch = min(opts.steps, 20), 16, 32, min(opts.batch, 8)
     try:
         report = demo.run(opts)
-    except (demo.DemoError, ImportError, FileNotFoundError) as exc:
+    except (ValueError, ImportError, FileNotFoundError) as exc:  # DemoError is a ValueError
         print(f"hina-kohya demo: {exc}", file=sys.stderr)
         return 2
     print()
     print(demo.markdown(report))
-    print(f"wrote report.md, report.json, loss_curve.png, adapter_hina.safetensors, adapter_adamw.safetensors, "
-          f"diagnostics_hina.json to {opts.output}")
+    print(f"wrote {', '.join(report['written'])} to {opts.output}")
     return 0
 
 
@@ -52,22 +51,31 @@ class _Refused(Exception):
     """A bad bench option; its message names the value and the fix."""
 
 
-def _training_bench(args: argparse.Namespace, command: str, run) -> int:
-    """The shared frame of ``bench converge`` and ``bench ablate``: seeds and steps (defaults by
-    --quick), then ``run(seeds, steps)`` -> (summary, what was written); errors as messages."""
-    from .bench import converge
+def _training_bench(args: argparse.Namespace, command: str, outputs: tuple[str, ...], run) -> int:
+    """The shared frame of ``bench converge`` and ``bench ablate``: every option is checked before
+    the first run (seeds, steps -- defaults by --quick --, device, output folder), then
+    ``run(seeds, steps)`` -> summary; errors as messages."""
+    import torch
 
-    seeds = args.seeds or (1 if args.quick else 3)
-    steps = args.steps or (4 if args.quick else 300)
+    from .bench import converge, demo
+
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    steps = args.steps if args.steps is not None else (4 if args.quick else 300)
     try:
-        if seeds < 1 or steps < 1:
-            raise _Refused(f"--seeds {seeds} and --steps {steps} must be at least 1")
-        summary, written = run(seeds, steps)
+        for option, value in (("--seeds", seeds), ("--steps", steps)):
+            if value < 1:
+                raise _Refused(f"{option} {value}: must be at least 1")
+        try:
+            torch.device(args.device)
+        except (RuntimeError, ValueError) as exc:
+            raise _Refused(f"--device {args.device!r} is not a torch device; use cpu or cuda") from exc
+        demo.output_dir(args.output, outputs, args.force)
+        summary = run(seeds, steps)
     except (_Refused, ValueError, ImportError, FileNotFoundError) as exc:
         print(f"hina-kohya bench {command}: {exc}", file=sys.stderr)
         return 2
     print(converge.markdown(summary))
-    print(f"wrote {written} to {args.output}")
+    print(f"wrote {', '.join(o for o in outputs if (Path(args.output) / o).exists())} to {args.output}")
     return 0
 
 
@@ -83,10 +91,9 @@ def _cmd_bench_converge(args: argparse.Namespace) -> int:
         if missing:
             raise _Refused(f"the baselines need {' '.join(missing)}: pip install {' '.join(missing)} "
                            "(or leave them out with --optimizer)")
-        summary = converge.main(args.task or list(converge.TASKS), names, seeds, steps, Path(args.output),
-                                args.quick, args.device, not args.no_progress)
-        return summary, "converge.md, converge.json, converge.png"
-    return _training_bench(args, "converge", run)
+        return converge.main(args.task or list(converge.TASKS), names, seeds, steps, Path(args.output),
+                             args.quick, args.device, not args.no_progress)
+    return _training_bench(args, "converge", converge.outputs("converge"), run)
 
 
 def _cmd_bench_ablate(args: argparse.Namespace) -> int:
@@ -95,10 +102,9 @@ def _cmd_bench_ablate(args: argparse.Namespace) -> int:
     def run(seeds: int, steps: int):
         if not (args.lr > 0):
             raise _Refused(f"--lr {args.lr}: must be positive, e.g. 1e-3")
-        summary = ablate.main(args.recipe, args.task or list(converge.TASKS), args.lr, seeds, steps,
-                              Path(args.output), args.quick, args.device, not args.no_progress)
-        return summary, f"ablate-{args.recipe}.md, .json, .png"
-    return _training_bench(args, "ablate", run)
+        return ablate.main(args.recipe, args.task or list(converge.TASKS), args.lr, seeds, steps,
+                           Path(args.output), args.quick, args.device, not args.no_progress)
+    return _training_bench(args, "ablate", converge.outputs(f"ablate-{args.recipe}"), run)
 
 
 def _cmd_bench_chunks(args: argparse.Namespace) -> int:
@@ -191,10 +197,11 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 def _training_bench_options(p: argparse.ArgumentParser, seeds_help: str) -> None:
     p.add_argument("--task", action="append", choices=["adapter-lokr", "adapter-lora"],
                    help="task (repeatable; default all)")
-    p.add_argument("--seeds", type=int, default=0, help=f"{seeds_help} (default 3; 1 with --quick)")
-    p.add_argument("--steps", type=int, default=0, help="optimizer steps per run (default 300; 4 with --quick)")
+    p.add_argument("--seeds", type=int, help=f"{seeds_help} (default 3; 1 with --quick)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default 300; 4 with --quick)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--output", default="hina-kohya-bench", help="output folder (default ./hina-kohya-bench)")
+    p.add_argument("--force", action="store_true", help="overwrite this benchmark's previous results in --output")
     p.add_argument("--quick", action="store_true", help="tiny data, few steps, one seed: a smoke run")
     p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bars")
 

@@ -65,8 +65,19 @@ def test_quick_converge_writes_tables_json_and_plot(tmp_path, capsys):
 def test_converge_bad_options(tmp_path, capsys, monkeypatch):
     assert main(["bench", "converge", "--optimizer", "adamx", "--output", str(tmp_path)]) == 2
     assert "unknown optimizer adamx" in capsys.readouterr().err
+    for argv, message in ((["--seeds", "0"], "--seeds 0: must be at least 1"),
+                          (["--steps", "-2"], "--steps -2: must be at least 1"),
+                          (["--device", "tpu9"], "--device 'tpu9' is not a torch device")):
+        assert main(["bench", "converge", "--quick", "--optimizer", "adamw", "--output", str(tmp_path), *argv]) == 2
+        assert message in capsys.readouterr().err
+    (tmp_path / "converge.json").write_text("{}")  # a previous result is never overwritten silently
+    assert main(["bench", "converge", "--quick", "--optimizer", "adamw", "--output", str(tmp_path)]) == 2
+    assert "--force" in capsys.readouterr().err and (tmp_path / "converge.json").read_text() == "{}"
+    (tmp_path / "afile").write_text("x")
+    assert main(["bench", "ablate", "--quick", "--output", str(tmp_path / "afile")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
     monkeypatch.setattr(converge, "missing_packages", lambda names: ["prodigyopt"])
-    assert main(["bench", "converge", "--optimizer", "prodigy", "--output", str(tmp_path)]) == 2
+    assert main(["bench", "converge", "--optimizer", "prodigy", "--output", str(tmp_path / "p")]) == 2
     assert "pip install prodigyopt" in capsys.readouterr().err
 
 

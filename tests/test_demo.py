@@ -42,8 +42,47 @@ def test_shapes_reject_unknown_names():
 def test_the_task_sets_share_no_image(base):
     _, tables, _ = base
     data = adapter_task.make_data(tables, n_train=16, n_heldout=16, seed=0)
-    for x in data.train_x:
-        assert not any(torch.equal(x, y) for y in data.heldout.x0)
+    sets = [data.train_x, data.heldout.x0, data.validation.x0, data.base_heldout.x0]
+    for i, a in enumerate(sets):
+        for b in sets[i + 1:]:
+            assert not any(torch.equal(x, y) for x in a for y in b)
+
+
+def test_different_seeds_start_from_different_adapters(base):
+    unet = denoiser.load_pretrained()[0]
+    a = adapter_task.digest(adapter_task.make_network(unet, "lokr", 0))
+    unet = denoiser.load_pretrained()[0]
+    assert a == adapter_task.digest(adapter_task.make_network(unet, "lokr", 0))
+    unet = denoiser.load_pretrained()[0]
+    assert a != adapter_task.digest(adapter_task.make_network(unet, "lokr", 1))
+
+
+class _Exploding(torch.optim.SGD):
+    """SGD that writes NaN into the adapter at its third step."""
+
+    def step(self, closure=None):
+        self.calls = getattr(self, "calls", 0) + 1
+        super().step(closure)
+        if self.calls == 3:
+            with torch.no_grad():
+                for g in self.param_groups:
+                    for p in g["params"]:
+                        p.fill_(float("nan"))
+
+
+def test_a_diverged_run_stops_and_keeps_its_curve_aligned_by_step(base):
+    unet, tables, _ = base
+    unet = denoiser.load_pretrained()[0]
+    data = adapter_task.make_data(tables, n_train=4, n_heldout=8, seed=0)
+    network = adapter_task.make_network(unet, "lora", 0)
+    opt = _Exploding(adapter_task.named_groups(network, 1e-3), lr=1e-3)
+    r = adapter_task.train(unet, network, opt, data, steps=10, batch=2, seed=0, label="x", eval_every=2,
+                           device=torch.device("cpu"))
+    assert r.diverged_at == 4  # the NaN written at step 3 makes step 4's loss NaN
+    assert [s for s, _ in r.curve] == [0, 2, 4, 6, 8, 10]
+    assert math.isfinite(r.curve[1][1]) and all(v == float("inf") for _, v in r.curve[2:])
+    assert len(r.train_loss) == 4  # it stopped
+    assert r.steps_to(float("inf")) is None and r.steps_to(r.curve[0][1]) == 0
 
 
 def test_the_shipped_denoiser_is_pretrained_and_has_not_seen_the_new_concept(base):
@@ -90,8 +129,11 @@ def test_quick_demo_writes_every_output_and_a_loadable_adapter(tmp_path, capsys)
     hina, adamw = report["runs"]["hina"], report["runs"]["adamw"]
     assert hina["optimizer"].startswith("lokr-sd (HinaAdamW)") and adamw["optimizer"] == "torch.optim.AdamW"
     assert [s for s, _ in hina["curve"]] == [s for s, _ in adamw["curve"]] and hina["curve"][-1][0] == 6
-    # one seed: the same adapter initialisation and the same held-out problems for both runs
+    # one seed: the same adapter initialisation (not only the same step-0 loss: every LyCORIS
+    # adapter starts as a zero change) and the same held-out problems for both runs
+    assert hina["adapter_init_sha256"] == adamw["adapter_init_sha256"] and len(hina["adapter_init_sha256"]) == 64
     assert hina["curve"][0][1] == adamw["curve"][0][1]
+    assert hina["diverged_at"] is None and "loss_curve.png" in report["written"]
     for run in (hina, adamw):
         assert all(math.isfinite(v) for _, v in run["curve"])
         assert run["optimizer_state_bytes"] > 0 and run["adapter_params"] > 0

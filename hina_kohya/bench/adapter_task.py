@@ -14,6 +14,7 @@ runs with the same seed see the same batches and start from the same adapter).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import statistics
@@ -117,6 +118,20 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
                if isinstance(v, torch.Tensor))
 
 
+def digest(network) -> str:
+    """sha256 of the network's state (to show two runs start from the same adapter)."""
+    h = hashlib.sha256()
+    for k, v in sorted(network.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class RunResult:
     label: str
@@ -131,13 +146,17 @@ class RunResult:
     state_bytes: int = 0
     params: int = 0
     diagnostics: dict = field(default_factory=dict)
+    init_digest: str = ""                                           # sha256 of the adapter before step 1
 
     @property
     def final(self) -> float:
         return self.curve[-1][1]
 
     def steps_to(self, target: float) -> Optional[int]:
-        """The first evaluated step whose held-out loss is at or below ``target``."""
+        """The first evaluated step whose held-out loss is at or below ``target`` (None when the
+        target is not finite: the reference diverged)."""
+        if not math.isfinite(target):
+            return None
         return next((s for s, v in self.curve if v <= target), None)
 
     def median_ms(self, which: str, skip: int = 2) -> float:
@@ -150,11 +169,13 @@ def train(unet, network, optimizer, data: TaskData, steps: int, batch: int, seed
           validation: bool = False) -> RunResult:
     """Train the adapter ``steps`` optimizer steps; held-out loss at step 0, every ``eval_every``
     steps and at the end (and on the validation set at the end with ``validation``); a non-finite
-    training loss stops the run (``diverged_at``, held-out loss inf). ``optimizer`` may need ``train()`` / ``eval()`` (recipes that declare
-    it): called around evaluation as sd-scripts does around sampling, and left in eval mode at the end
-    (the weights to save)."""
+    training loss stops the run (``diverged_at``; the held-out loss reads inf at it and at every
+    later checkpoint, so curves of different runs stay aligned by step). ``optimizer`` may need
+    ``train()`` / ``eval()`` (recipes that declare it): called around evaluation as sd-scripts does
+    around sampling, and left in eval mode at the end (the weights to save)."""
     sched = denoiser.scheduler()
-    res = RunResult(label, params=sum(p.numel() for p in network.parameters()))
+    res = RunResult(label, params=sum(p.numel() for p in network.parameters()), init_digest=digest(network))
+    checkpoints = [s for s in range(1, steps + 1) if s % eval_every == 0 or s == steps]
     heldout, base = data.heldout.to(device), data.base_heldout.to(device)
     train_x, train_cond = data.train_x.to(device), data.train_cond.to(device)
     res.base_heldout_before = heldout_loss(unet, sched, base)
@@ -162,6 +183,7 @@ def train(unet, network, optimizer, data: TaskData, steps: int, batch: int, seed
     g = torch.Generator().manual_seed(seed + 99)
     swaps = callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
     for step in range(1, steps + 1):
+        _sync(device)
         t0 = time.perf_counter()
         idx = torch.randint(train_x.shape[0], (batch,), generator=g)
         noise = torch.randn((batch, *train_x.shape[1:]), generator=g).to(device)
@@ -173,20 +195,20 @@ def train(unet, network, optimizer, data: TaskData, steps: int, batch: int, seed
         torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
         if hasattr(optimizer, "set_loss"):
             optimizer.set_loss(loss.detach())
+        _sync(device)  # backward and clipping are queued on a GPU: count them before the step
         t1 = time.perf_counter()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
         t2 = time.perf_counter()
         res.opt_step_s.append(t2 - t1)
         res.step_s.append(t2 - t0)
         res.train_loss.append(float(loss.detach()))
         if not math.isfinite(res.train_loss[-1]):  # diverged: no point in going on
             res.diverged_at = step
-            res.curve.append((step, float("inf")))
+            res.curve += [(c, float("inf")) for c in checkpoints if c >= step]
             progress(step, res.train_loss[-1])
             break
-        if step % eval_every == 0 or step == steps:
+        if step in checkpoints:
             if swaps:
                 optimizer.eval()
             res.curve.append((step, heldout_loss(unet, sched, heldout)))

@@ -146,6 +146,7 @@ def report(cells: list[Cell], steps: int, seeds: int, labels: Optional[dict[str,
                 best[c.optimizer] = c
         ref = best.get(reference)
         target = statistics.mean(ref.finals()) if ref is not None else None
+        target = target if target is not None and math.isfinite(target) else None  # a diverged reference
 
         def steps_to_target(c: Cell) -> Optional[int]:
             return next((s for s, v in c.mean_curve() if target is not None and v <= target), None)
@@ -183,7 +184,8 @@ def markdown(summary: dict) -> str:
         for r in t["rows"].values():
             frac = r["fraction_of_reference_steps"]
             reached = r["steps_to_reference_final"]
-            lines.append(f"| {r['label']} | {r['best_lr']:g} | {r['heldout_mean']:.4f} ± {r['heldout_std']:.4f} | "
+            spread = f" ± {r['heldout_std']:.4f}" if summary["seeds"] > 1 else ""
+            lines.append(f"| {r['label']} | {r['best_lr']:g} | {r['heldout_mean']:.4f}{spread} | "
                          f"{reached if reached is not None else 'not reached'} | "
                          f"{f'{frac:.2f}' if frac is not None else 'not reached'} | {r['diverged_runs']} | "
                          f"{r['optimizer_state_bytes'] / 1024:.1f} | {r['optimizer_step_ms_median']:.2f} |")
@@ -225,9 +227,15 @@ def missing_packages(names: list[str]) -> list[str]:
     return sorted(p for p in need if importlib.util.find_spec(modules[p]) is None)
 
 
+def outputs(stem: str) -> tuple[str, ...]:
+    return f"{stem}.json", f"{stem}.md", f"{stem}.png"
+
+
 def write(summary: dict, output: Path, stem: str) -> None:
+    from .demo import finite_or_none
+
     output.mkdir(parents=True, exist_ok=True)
-    (output / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+    (output / f"{stem}.json").write_text(json.dumps(finite_or_none(summary), indent=2))
     (output / f"{stem}.md").write_text(markdown(summary))
     plot(summary, output / f"{stem}.png")
 

@@ -90,20 +90,42 @@ def _check(opts: DemoOptions) -> tuple[str, type, dict, torch.device]:
     return f"{name} ({cls.__name__})", cls, kwargs, device
 
 
-def _output_dir(opts: DemoOptions) -> Path:
-    out = Path(opts.output)
+OUTPUTS = ("report.json", "report.md", "loss_curve.png", "adapter_hina.safetensors", "adapter_adamw.safetensors",
+           "diagnostics_hina.json")
+
+
+def output_dir(path: str, outputs: tuple[str, ...], force: bool, option: str = "--output") -> Path:
+    """Check an output folder before any work: a folder (or nothing yet) whose parent is a folder,
+    holding none of ``outputs`` unless ``force`` -- a previous run's files are never overwritten
+    silently."""
+    out = Path(path)
     if out.exists() and not out.is_dir():
-        raise DemoError(f"--output {out}: exists and is not a folder; choose another path")
-    if (out / "report.json").exists() and not opts.force:
-        raise DemoError(f"--output {out}: holds a previous demo report; pass --force to overwrite it, "
-                        "or choose another folder")
+        raise DemoError(f"{option} {out}: exists and is not a folder; choose another path")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise DemoError(f"{option} {out}: {parent} is a file, not a folder; choose another path")
+    previous = [name for name in outputs if (out / name).exists()]
+    if previous and not force:
+        raise DemoError(f"{option} {out}: holds {', '.join(previous)} from a previous run; pass --force to "
+                        "overwrite them, or choose another folder")
     return out
+
+
+def finite_or_none(obj):
+    """JSON has no inf / nan: non-finite numbers become null (divergence is reported separately)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
 
 
 def run(opts: DemoOptions) -> dict:
     """Run the demo; return the report (also written to ``opts.output``)."""
     label, cls, kwargs, device = _check(opts)
-    out = _output_dir(opts)
+    out = output_dir(opts.output, OUTPUTS, opts.force)
     _, tables, meta = denoiser.load_pretrained()
     data = adapter_task.make_data(tables, opts.n_train, opts.n_heldout, seed=opts.seed)
     eval_every = max(1, opts.steps // 10)
@@ -130,15 +152,18 @@ def run(opts: DemoOptions) -> dict:
         results[key] = adapter_task.train(unet, network, optimizer, data, opts.steps, opts.batch, opts.seed,
                                           run_label, eval_every, device, progress)
         bar.close()
+        dim, alpha, network_args = adapter_task.NETWORKS[opts.algo]
         network.save_weights(str(out / f"adapter_{key}.safetensors"), torch.float32,
-                             {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": opts.algo}),
+                             {"ss_network_module": "lycoris.kohya", "ss_network_dim": str(dim),
+                              "ss_network_alpha": str(alpha), "ss_network_args": json.dumps(network_args),
                               "hina_kohya_demo_optimizer": run_label})
         del network, optimizer, unet
     report = _report(opts, label, kwargs, adamw_lr, meta, results)
-    (out / "diagnostics_hina.json").write_text(json.dumps(results["hina"].diagnostics, indent=2, sort_keys=True))
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "diagnostics_hina.json").write_text(
+        json.dumps(finite_or_none(results["hina"].diagnostics), indent=2, sort_keys=True))
     (out / "report.md").write_text(markdown(report))
-    _plot(results, out / "loss_curve.png")
+    report["written"] = [n for n in OUTPUTS if n != "loss_curve.png" or _plot(results, out / n)]
+    (out / "report.json").write_text(json.dumps(finite_or_none(report), indent=2))
     return report
 
 
@@ -151,6 +176,8 @@ def _report(opts: DemoOptions, label: str, kwargs: dict, adamw_lr: float, meta: 
             "optimizer": r.label,
             "curve": r.curve,
             "final_heldout": r.final,
+            "diverged_at": r.diverged_at,
+            "adapter_init_sha256": r.init_digest,
             "steps_to_adamw_final": r.steps_to(target),
             "train_step_ms_median": r.median_ms("step_s"),
             "optimizer_step_ms_median": r.median_ms("opt_step_s"),
@@ -176,6 +203,8 @@ def _report(opts: DemoOptions, label: str, kwargs: dict, adamw_lr: float, meta: 
 def _fmt(x: Optional[float], digits: int = 4) -> str:
     if x is None:
         return "not reached"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "diverged"
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
@@ -183,11 +212,15 @@ def markdown(report: dict) -> str:
     """The side-by-side table (also printed by the CLI)."""
     h, a = report["runs"]["hina"], report["runs"]["adamw"]
     rows = [("optimizer", h["optimizer"], a["optimizer"])]
-    for (step, hv), (_, av) in zip(h["curve"], a["curve"]):
+    for (step, hv), (_, av) in zip(h["curve"], a["curve"]):  # aligned by step (adapter_task.train)
         if step == 0 or step == h["curve"][-1][0] or step % max(1, report["options"]["steps"] // 4) == 0:
             rows.append((f"held-out loss, step {step}", _fmt(hv), _fmt(av)))
+    reach = ("AdamW diverged", "AdamW diverged") if a["diverged_at"] is not None else (
+        _fmt(h["steps_to_adamw_final"]), _fmt(a["steps_to_adamw_final"]))
     rows += [
-        ("steps to AdamW's final held-out loss", _fmt(h["steps_to_adamw_final"]), _fmt(a["steps_to_adamw_final"])),
+        ("diverged at step", _fmt(h["diverged_at"]) if h["diverged_at"] else "no",
+         _fmt(a["diverged_at"]) if a["diverged_at"] else "no"),
+        (f"steps to AdamW's final held-out loss (checked every {max(1, report['options']['steps'] // 10)})", *reach),
         ("base concepts held-out loss, before -> after", f"{h['base_concepts_heldout_before']:.4f} -> "
          f"{h['base_concepts_heldout_after']:.4f}", f"{a['base_concepts_heldout_before']:.4f} -> "
          f"{a['base_concepts_heldout_after']:.4f}"),
@@ -207,14 +240,14 @@ def markdown(report: dict) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def _plot(results: dict[str, adapter_task.RunResult], path: Path) -> None:
+def _plot(results: dict[str, adapter_task.RunResult], path: Path) -> bool:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:  # the report still has every number
-        return
+        return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, r in results.items():
         ax.plot([s for s, _ in r.curve], [v for _, v in r.curve], marker="o", label=r.label)
@@ -225,3 +258,4 @@ def _plot(results: dict[str, adapter_task.RunResult], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True

@@ -61,15 +61,17 @@ def need_diffusers():
 
 
 def build_unet(seed: int = 0):
-    """A freshly initialised denoiser (``UNET_CONFIG``), deterministic in ``seed``."""
+    """A freshly initialised denoiser (``UNET_CONFIG``), deterministic in ``seed`` (the global
+    random state is left as it was)."""
     diffusers = need_diffusers()
-    torch.manual_seed(seed)
-    return diffusers.UNet2DConditionModel(**UNET_CONFIG)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return diffusers.UNet2DConditionModel(**UNET_CONFIG)
 
 
 def token_tables(seed: int = 1234) -> dict[str, Tensor]:
     """The fixed conditioning tables: ``concept`` ``[len(CONCEPTS), 2, CROSS_DIM]`` and ``color``
-    ``[len(COLORS), 1, CROSS_DIM]``, unit-RMS rows, from ``seed``."""
+    ``[len(COLORS), 1, CROSS_DIM]``, standard normal entries, from ``seed``."""
     g = torch.Generator().manual_seed(seed)
     concept = torch.randn(len(shapes.CONCEPTS), 2, CROSS_DIM, generator=g)
     color = torch.randn(len(shapes.COLORS), 1, CROSS_DIM, generator=g)
@@ -114,7 +116,7 @@ def load_pretrained(path: Optional[Path] = None):
     return unet, tables, meta
 
 
-def pretrain(output: Path, steps: int = 3000, batch: int = 32, lr: float = 2e-3, seed: int = 0,
+def pretrain(output: Path, steps: int = 2500, batch: int = 32, lr: float = 2e-3, seed: int = 0,
              progress: bool = True) -> dict:
     """Train the base denoiser on ``shapes.BASE_CONCEPTS`` (fresh images every step, drawn from
     ``seed``) with AdamW and a cosine learning-rate decay; save fp16 weights, the token tables and
