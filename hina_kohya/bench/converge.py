@@ -50,7 +50,9 @@ def _adamw(groups, lr):
 def _bnb_adamw8bit(groups, lr):
     import bitsandbytes as bnb
 
-    return bnb.optim.AdamW8bit(groups, lr=lr, weight_decay=0.01)
+    # every adapter tensor here is below the default 4096-element floor for 8-bit state: lower it,
+    # or the "8-bit" rows would be 32-bit runs
+    return bnb.optim.AdamW8bit(groups, lr=lr, weight_decay=0.01, min_8bit_size=0)
 
 
 def _came(groups, lr):
@@ -75,7 +77,7 @@ CANDIDATES: dict[str, tuple[str, Callable, tuple, Optional[str]]] = {
     "hina_adamw": ("HinaAdamW defaults", _hina("HinaAdamW"), LR_GRID, None),
     "adaptive_hina_adamw": ("AdaptiveHinaAdamW defaults", _hina("AdaptiveHinaAdamW"), LR_GRID, None),
     "automagic_cameamp": ("Automagic_CameAMP defaults", _hina("Automagic_CameAMP"), LR_GRID, None),
-    "automagic_cameamp_8bit": ("Automagic_CameAMP8bit defaults", _hina("Automagic_CameAMP", state_precision="8bit"),
+    "automagic_cameamp_8bit": ("Automagic_CameAMP8bit defaults", _hina("Automagic_CameAMP", state_precision="8bit", min_8bit_size=1),
                                LR_GRID, None),
     "automagic_cameamp_coptim": ("Automagic_CameAMP_COptim defaults", _hina("Automagic_CameAMP_COptim"), LR_GRID, None),
     "automagic_cameamp_improved": ("Automagic_CameAMP_Improved defaults", _hina("Automagic_CameAMP_Improved"),
