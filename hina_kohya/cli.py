@@ -55,8 +55,6 @@ def _training_bench(args: argparse.Namespace, command: str, outputs: tuple[str, 
     """The shared frame of ``bench converge`` and ``bench ablate``: every option is checked before
     the first run (seeds, steps -- defaults by --quick --, device, output folder), then
     ``run(seeds, steps)`` -> summary; errors as messages."""
-    import torch
-
     from .bench import converge, demo
 
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
@@ -65,10 +63,7 @@ def _training_bench(args: argparse.Namespace, command: str, outputs: tuple[str, 
         for option, value in (("--seeds", seeds), ("--steps", steps)):
             if value < 1:
                 raise _Refused(f"{option} {value}: must be at least 1")
-        try:
-            torch.device(args.device)
-        except (RuntimeError, ValueError) as exc:
-            raise _Refused(f"--device {args.device!r} is not a torch device; use cpu or cuda") from exc
+        demo.check_device(args.device)
         demo.output_dir(args.output, outputs, args.force)
         summary = run(seeds, steps)
     except (_Refused, ValueError, ImportError, FileNotFoundError) as exc:

@@ -14,6 +14,7 @@ runs with the same seed see the same batches and start from the same adapter).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -224,3 +225,17 @@ def train(unet, network, optimizer, data: TaskData, steps: int, batch: int, seed
     if hasattr(optimizer, "log_dict"):
         res.diagnostics = optimizer.log_dict()
     return res
+
+
+def run_once(base, algo: str, seed: int, make_optimizer: Callable, lr: float, data: TaskData, steps: int, batch: int,
+             label: str, eval_every: int, device: torch.device, progress: Callable[[int, float], None] = lambda s, l: None,
+             validation: bool = False):
+    """One training run on a copy of ``base`` (the adapter hooks into the model it is applied to,
+    so every run gets its own): the ``algo`` network from ``seed``, its named groups at ``lr``,
+    ``make_optimizer(groups)``, then ``train``. Returns ``(RunResult, network)``."""
+    unet = copy.deepcopy(base).to(device)
+    network = make_network(unet, algo, seed)
+    network.to(device)
+    optimizer = make_optimizer(named_groups(network, lr))
+    result = train(unet, network, optimizer, data, steps, batch, seed, label, eval_every, device, progress, validation)
+    return result, network

@@ -112,20 +112,19 @@ def run(tasks: list[str], entries: list[tuple[str, Callable, tuple]], seeds: int
         n_train: int = 64, n_heldout: int = 128, device: str = "cpu", progress: bool = True) -> list[Cell]:
     """Every (task, entry, lr, seed) run. ``entries``: (key, factory(groups, lr), learning rates)."""
     dev = torch.device(device)
-    _, tables, _ = denoiser.load_pretrained()
+    base, tables, _ = denoiser.load_pretrained()
     data = adapter_task.make_data(tables, n_train, n_heldout, seed=0)
     cells: list[Cell] = []
-    bar = denoiser._bar(sum(len(lrs) for _, _, lrs in entries) * len(tasks) * seeds, "bench", progress)
+    bar = denoiser.progress_bar(sum(len(lrs) for _, _, lrs in entries) * len(tasks) * seeds, "bench", progress)
     for task in tasks:
         for key, make, lrs in entries:
             for lr in lrs:
                 cell = Cell(task, key, lr)
                 for seed in range(seeds):
-                    unet = denoiser.load_pretrained()[0].to(dev)  # a fresh base per run: the adapter hooks into it
-                    network = adapter_task.make_network(unet, TASKS[task], seed)
-                    optimizer = make(adapter_task.named_groups(network, lr), lr)
-                    cell.runs.append(adapter_task.train(unet, network, optimizer, data, steps, batch, seed, key,
-                                                        max(1, steps // 10), dev, validation=True))
+                    result, _ = adapter_task.run_once(base, TASKS[task], seed, lambda groups: make(groups, lr), lr,
+                                                      data, steps, batch, key, max(1, steps // 10), dev,
+                                                      validation=True)
+                    cell.runs.append(result)
                     bar.update(1)
                 cells.append(cell)
     bar.close()
@@ -196,12 +195,10 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> bool:
-    try:
-        import matplotlib
+    from .demo import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     tasks = list(summary["tasks"])
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)

@@ -48,6 +48,30 @@ class DemoError(ValueError):
     """A bad demo option; the message names the value and the fix."""
 
 
+def check_device(text: str) -> torch.device:
+    """``--device`` as a torch device, or a DemoError naming it and the fix."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise DemoError(f"--device {text!r} is not a torch device; use cpu or cuda ({exc})") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DemoError(f"--device {text}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only backend, or None without matplotlib (the reports still
+    hold every number)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def _check(opts: DemoOptions) -> tuple[str, type, dict, torch.device]:
     """Validate options; return (label, optimizer class, its arguments, device)."""
     from .. import presets, registry
@@ -64,12 +88,7 @@ def _check(opts: DemoOptions) -> tuple[str, type, dict, torch.device]:
             raise DemoError(f"{name} {lr}: must be a positive finite number, e.g. 1e-3")
     if opts.algo not in adapter_task.NETWORKS:
         raise DemoError(f"--algo {opts.algo}: choose one of {', '.join(adapter_task.NETWORKS)}")
-    try:
-        device = torch.device(opts.device)
-    except (RuntimeError, ValueError) as exc:
-        raise DemoError(f"--device {opts.device!r} is not a torch device; use cpu or cuda ({exc})") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DemoError(f"--device {opts.device}: CUDA is not available on this machine; use --device cpu")
+    device = check_device(opts.device)
     if opts.optimizer:
         try:
             spec = registry.get_spec(opts.optimizer)
@@ -126,38 +145,35 @@ def run(opts: DemoOptions) -> dict:
     """Run the demo; return the report (also written to ``opts.output``)."""
     label, cls, kwargs, device = _check(opts)
     out = output_dir(opts.output, OUTPUTS, opts.force)
-    _, tables, meta = denoiser.load_pretrained()
+    base, tables, meta = denoiser.load_pretrained()
     data = adapter_task.make_data(tables, opts.n_train, opts.n_heldout, seed=opts.seed)
     eval_every = max(1, opts.steps // 10)
     adamw_lr = opts.adamw_lr if opts.adamw_lr is not None else kwargs["lr"]
     # the compiled kernels take longer to build on a CPU (~90 s on 2 cores) than they save over a
     # few hundred steps of a small adapter: the demo runs the same math eagerly unless asked
     kwargs = {**kwargs, "fused": opts.fused}
-    runs = [("hina", label, lambda groups: cls(groups, **kwargs)),
-            ("adamw", "torch.optim.AdamW", lambda groups: torch.optim.AdamW(groups, lr=adamw_lr, weight_decay=0.01))]
+    runs = [("hina", label, kwargs["lr"], lambda groups: cls(groups, **kwargs)),
+            ("adamw", "torch.optim.AdamW", adamw_lr,
+             lambda groups: torch.optim.AdamW(groups, lr=adamw_lr, weight_decay=0.01))]
     results: dict[str, adapter_task.RunResult] = {}
     out.mkdir(parents=True, exist_ok=True)
-    for key, run_label, make in runs:
-        unet = denoiser.load_pretrained()[0].to(device)  # a fresh base per run: the adapter hooks into it
-        network = adapter_task.make_network(unet, opts.algo, opts.seed)
-        network.to(device)
-        optimizer = make(adapter_task.named_groups(network, kwargs["lr"] if key == "hina" else adamw_lr))
-        bar = denoiser._bar(opts.steps, f"{key:5s} {run_label}", opts.progress)
+    for key, run_label, lr, make in runs:
+        bar = denoiser.progress_bar(opts.steps, f"{key:5s} {run_label}", opts.progress)
 
         def progress(step: int, loss: float, bar=bar) -> None:
             bar.update(1)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.4f}")
 
-        results[key] = adapter_task.train(unet, network, optimizer, data, opts.steps, opts.batch, opts.seed,
-                                          run_label, eval_every, device, progress)
+        results[key], network = adapter_task.run_once(base, opts.algo, opts.seed, make, lr, data, opts.steps,
+                                                      opts.batch, run_label, eval_every, device, progress)
         bar.close()
         dim, alpha, network_args = adapter_task.NETWORKS[opts.algo]
         network.save_weights(str(out / f"adapter_{key}.safetensors"), torch.float32,
                              {"ss_network_module": "lycoris.kohya", "ss_network_dim": str(dim),
                               "ss_network_alpha": str(alpha), "ss_network_args": json.dumps(network_args),
                               "hina_kohya_demo_optimizer": run_label})
-        del network, optimizer, unet
+        del network
     report = _report(opts, label, kwargs, adamw_lr, meta, results)
     (out / "diagnostics_hina.json").write_text(
         json.dumps(finite_or_none(results["hina"].diagnostics), indent=2, sort_keys=True))
@@ -241,12 +257,8 @@ def markdown(report: dict) -> str:
 
 
 def _plot(results: dict[str, adapter_task.RunResult], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # the report still has every number
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, r in results.items():

@@ -133,7 +133,7 @@ def pretrain(output: Path, steps: int = 2500, batch: int = 32, lr: float = 2e-3,
     sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     g = torch.Generator().manual_seed(seed + 1)
     losses = []
-    bar = _bar(steps, "pretraining the demo denoiser", progress)
+    bar = progress_bar(steps, "pretraining the demo denoiser", progress)
     for step in range(steps):
         x0, names, colors = shapes.sample(shapes.BASE_CONCEPTS, batch, SIZE, seed=seed * 1_000_003 + step)
         noise = torch.randn(x0.shape, generator=g)
@@ -170,7 +170,7 @@ class _NoBar:
         pass
 
 
-def _bar(total: int, desc: str, show: bool):
+def progress_bar(total: int, desc: str, show: bool):
     """A tqdm progress bar when tqdm is installed and ``show`` is set, else a silent stand-in."""
     if not show:
         return _NoBar()
