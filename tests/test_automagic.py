@@ -1,6 +1,7 @@
 """The Automagic_CameAMP family: float64 references, training, resume, config API, defects."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ def _run_against_reference(cls, steps=14, fused=False, losses=False, **kw):
             ks = ref.awd_factors(gs)
             for i in range(n):
                 ref.step(shadow[j + i], gs[i], states[j + i], hp, t, group["hina_lr0"], recipe, rate, ks[i],
-                         adapter=roles[j + i].adapter)
+                         adapter=roles[j + i].adapter, b_factor=roles[j + i].is_b)
             j += n
     for p, s in zip(params, shadow):
         torch.testing.assert_close(p.detach(), s, rtol=1e-9, atol=1e-12)
@@ -421,3 +422,12 @@ def test_log_dict_cautious_fraction_counts_only_tensors_cautious_ran_on(fused):
         seen.append(opt.log_dict().get("hina/cautious_kept/group0"))
     assert seen[0] is None
     assert seen[-1] is not None and 0.2 < seen[-1] < 1.0
+
+
+def test_an_lr_above_max_lr_is_reported_not_silently_capped():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.warns(UserWarning, match=r"lr=0\.003 is above max_lr=0\.001.*max_lr=0\.03"):
+        Automagic_CameAMP([p], lr=3e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Automagic_CameAMP([p], lr=3e-3, max_lr=1e-2)

@@ -61,3 +61,14 @@ def test_bench_chunks_runs_interleaved_and_restores_the_environment(capsys, monk
     assert os.environ["HINA_KOHYA_FUSED_CHUNK"] == "2"
     with pytest.raises(SystemExit, match="comma-separated positive integers"):
         main(["bench", "chunks", "--sizes", "0,x"])
+
+
+@pytest.mark.parametrize("name", ["came", "prodigy"])
+def test_bench_step_compares_the_external_baselines(name):
+    res = step.run_one(name, "tiny", rounds=2, warmup=1)
+    assert not res.error, res.error
+    assert math.isfinite(res.ratio_median) and res.ratio_median > 0
+    if name == "came":  # factored second moment and confidence: less than AdamW's 8 B/elem
+        assert 0 < res.state_bytes_per_element < 8.0
+    else:  # Prodigy keeps more than AdamW (p0, s, m, v)
+        assert res.state_bytes_per_element > 8.0

@@ -43,9 +43,23 @@ def _bnb_adamw8bit(params, names):
     return bnb.optim.AdamW8bit(params, lr=1e-4)
 
 
+def _came(params, names):
+    from came_pytorch import CAME  # pip install came-pytorch (the bench extra)
+
+    return CAME(params, lr=1e-4)
+
+
+def _prodigy(params, names):
+    from prodigyopt import Prodigy  # pip install prodigyopt (the bench extra)
+
+    return Prodigy(params, lr=1.0)
+
+
 CANDIDATES: dict[str, tuple[str, Callable]] = {
     "adamw_fused": ("torch.optim.AdamW(fused=True)", _adamw(fused=True)),
     "bnb_adamw8bit": ("bitsandbytes AdamW8bit", _bnb_adamw8bit),
+    "came": ("CAME (came-pytorch)", _came),
+    "prodigy": ("Prodigy (prodigyopt)", _prodigy),
     "hina_adamw_plain": ("HinaAdamW, techniques off, fp32 state", _recipe("HinaAdamW", "fp32", **PLAIN)),
     "hina_adamw_plain_bf16": ("HinaAdamW, techniques off, bf16 state", _recipe("HinaAdamW", "bf16", **PLAIN)),
     "hina_adamw_plain_8bit": ("HinaAdamW, techniques off, 8-bit state", _recipe("HinaAdamW", "8bit", **PLAIN)),
@@ -71,7 +85,7 @@ CANDIDATES: dict[str, tuple[str, Callable]] = {
     "adaptive_hina_adamw_eager": ("AdaptiveHinaAdamW, defaults, fp32 state, eager (fused=False)",
                                   _recipe("AdaptiveHinaAdamW", "fp32", fused=False)),
 }
-DEFAULT_CANDIDATES = ("adamw_fused", "bnb_adamw8bit", "hina_adamw_plain", "hina_adamw_plain_8bit", "hina_adamw",
+DEFAULT_CANDIDATES = ("adamw_fused", "bnb_adamw8bit", "came", "prodigy", "hina_adamw_plain", "hina_adamw_plain_8bit", "hina_adamw",
                       "hina_adamw_8bit", "adaptive_hina_adamw", "adaptive_hina_adamw_8bit", "automagic_cameamp",
                       "automagic_cameamp_8bit", "automagic_cameamp_coptim", "automagic_cameamp_improved",
                       "hina_adamw_eager", "adaptive_hina_adamw_eager")

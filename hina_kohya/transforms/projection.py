@@ -5,7 +5,17 @@ gradient's norm. Per tensor, flattened (any shape):
     g_perp = g - (<w, g> / (<w, w> + eps)) * w;   g <- g_perp * ||g|| / (||g_perp|| + eps)
 
 The original HinaAdamW skipped the norm restoration and 1-D tensors (defect 7). A zero weight
-(LoRA B at init) leaves the gradient unchanged. State: none.
+leaves the gradient unchanged. State: none.
+
+Deviation from the originals (which projected every tensor): the zero-initialised factor of an
+adapter product (``Role.is_b``: LoRA ``lora_up``, LoKr ``lokr_w2``, LoHa ``hada_w2_a``, ...) is
+left alone. Such a factor *is* what the adapter learned so far, grown from zero along its
+gradients; removing the gradient's component along it, then restoring the norm, cancels the
+consistent direction and amplifies the noise, so the adapter stops learning. Measured on the demo's
+LoKr task (Automagic_CameAMP, whose warm-up runs this transform, lr 1e-3, 30 steps): held-out loss
+0.1266 -> 0.122 when projecting every tensor, -> 0.0775 with B factors left alone, AdamW 0.1021.
+The paper's setting (whole weights, where growth along the weight is the naive scaling it guards
+against) is unchanged: whole weights, A factors and unnamed tensors are projected.
 """
 
 from __future__ import annotations
@@ -26,11 +36,30 @@ def compute_params(b: Bucket) -> list[torch.Tensor]:
     return cached
 
 
+def _projected(role) -> bool:
+    return role is None or not role.is_b
+
+
 class OrthogonalGradient(Transform):
     name = "orthograd"
 
+    def prepare(self, b: Bucket) -> None:
+        one = torch.ones((), dtype=b.compute_dtype, device=b.params[0].device)
+        zero = torch.zeros_like(one)
+        b.extras["orthograd_on"] = [one if _projected(r) else zero for r in b.roles]
+
     def foreach(self, b: Bucket) -> None:
-        w, g = compute_params(b), b.grads
+        idx = [i for i, r in enumerate(b.roles) if _projected(r)]
+        if not idx:
+            return
+        w = compute_params(b)
+        grads = list(b.grads)
+        for i, gi in zip(idx, self._project([w[i] for i in idx], [b.grads[i] for i in idx])):
+            grads[i] = gi
+        b.grads = grads
+
+    @staticmethod
+    def _project(w: list[torch.Tensor], g: list[torch.Tensor]) -> list[torch.Tensor]:
         dots = [torch.dot(wi.reshape(-1), gi.reshape(-1)) for wi, gi in zip(w, g)]
         ww = torch._foreach_norm(w)
         torch._foreach_mul_(ww, ww)
@@ -42,10 +71,14 @@ class OrthogonalGradient(Transform):
         torch._foreach_add_(den, _EPS)
         torch._foreach_div_(scale, den)
         torch._foreach_mul_(perp, scale)
-        b.grads = perp
+        return perp
 
     def math(self, x: Slot) -> None:
         w, flat = x.p.reshape(-1), x.g.reshape(-1)
         perp = flat - (torch.dot(w, flat) / (torch.dot(w, w) + _EPS)) * w
         perp = perp * (flat.norm() / (perp.norm() + _EPS))
-        x.g = perp.view_as(x.g)
+        perp = perp.view_as(x.g)
+        if "orthograd_on" in x.extra:  # from prepare (the fused kernels do not see roles)
+            x.g = torch.where(x.extra["orthograd_on"] > 0, perp, x.g)
+        elif _projected(x.role):
+            x.g = perp

@@ -42,13 +42,14 @@ def awd_factors(grads):
     return [2 / (1 + math.exp(-4 * (float(g.abs().mean()) - mean) / max(std, 1e-30))) for g in grads]
 
 
-def step(p, g, st, hp, t, lr0, recipe="C", rate=1.0, awd_k=1.0, adapter=True):
-    """One step of one tensor in place; ``st`` is this tensor's reference state."""
+def step(p, g, st, hp, t, lr0, recipe="C", rate=1.0, awd_k=1.0, adapter=True, b_factor=False):
+    """One step of one tensor in place; ``st`` is this tensor's reference state. ``b_factor``: the
+    zero-initialised factor of an adapter product (not projected by the orthogonal gradient)."""
     b1, b2, b3 = hp["betas"]
     e1, e2 = hp["eps"][0], hp["eps"][1]
     half, W = hp["warmup_steps"] / 2, hp["warmup_steps"]
     early = t < half
-    if early:
+    if early and not b_factor:
         g = ortho(g, p)
     g = agr(g)
     rows = rows_of(p)
