@@ -431,3 +431,25 @@ def test_an_lr_above_max_lr_is_reported_not_silently_capped():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Automagic_CameAMP([p], lr=3e-3, max_lr=1e-2)
+
+
+@pytest.mark.parametrize("bad", ["loss", "gradient"])
+def test_a_non_finite_signal_does_not_poison_c_optim(bad):
+    """One NaN loss (an fp16 overflow step) or one NaN gradient (the gradient-norm fallback) used
+    to turn the context multiplier into NaN for good: every later step was a no-op."""
+    p = torch.nn.Parameter(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
+    opt = Automagic_CameAMP_COptim([p], lr=1e-3)
+    for s in range(30):
+        p.grad = torch.randn(8, 8, generator=torch.Generator().manual_seed(s))
+        if bad == "gradient" and s == 5:
+            p.grad[0, 0] = float("nan")
+        if bad == "loss":
+            opt.set_loss(torch.tensor(float("nan") if s == 5 else 1.0 / (s + 1)))
+        before = p.detach().clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the gradient-norm fallback's one message
+            opt.step()
+        if s == 29:
+            assert not torch.equal(p.detach(), before)  # still training
+    multiplier = opt.log_dict()["hina/coptim/multiplier"]
+    assert math.isfinite(multiplier) and 0.5 <= multiplier <= 3.0

@@ -16,7 +16,8 @@ The signal s_t is the training loss when the optimizer gets one -- ``step(closur
                  * (0.6 + 0.4 * stability if edge case else 1),  clamped to [0.5, 3];  1 for < 5 signals
     multiplier  <- multiplier + adaptation_rate * (target - multiplier)
 
-The multiplier scales every tensor's rate. What changed from the original (defects 42-46): the
+The multiplier scales every tensor's rate. A non-finite signal leaves the whole context as it was.
+What changed from the original (defects 42-46): the
 loss reaches it without a closure (and a gradient-norm fallback exists), so it is not a constant
 1.2; "gradient consistency" (the cosine of consecutive scalar norms, always 1) is gone; the
 stagnation boost is deterministic (the original drew from Python's ``random``);
@@ -69,6 +70,12 @@ class Context:
         c = self.t
         s = s.to(c["history"].device)
         self.signal_is_loss = is_loss
+        # a non-finite signal (an fp16 overflow step, a NaN gradient in the fallback norm) would
+        # stay in the history and the EMAs and turn the multiplier into NaN for good: it is
+        # ignored instead, selected in tensors (no sync)
+        finite = torch.isfinite(s)
+        before = {k: v.clone() for k, v in c.items()}
+        s = torch.where(finite, s, torch.zeros_like(s))
         idx = torch.remainder(c["count"], self.window).long().reshape(1)
         c["history"].index_copy_(0, idx, s.reshape(1))
         c["count"].add_(1)
@@ -92,6 +99,8 @@ class Context:
         c["multiplier"].add_(self.adaptation_rate * (target - c["multiplier"]))
         c["edge_cases"].add_(edge.double())
         c["last_edge"].copy_(edge.double())
+        for k, v in c.items():
+            v.copy_(torch.where(finite, v, before[k]))
 
     def _constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """The EMA rates 1/k and the ring buffer's slot numbers, built once per device (not a
