@@ -453,3 +453,22 @@ def test_a_non_finite_signal_does_not_poison_c_optim(bad):
             assert not torch.equal(p.detach(), before)  # still training
     multiplier = opt.log_dict()["hina/coptim/multiplier"]
     assert math.isfinite(multiplier) and 0.5 <= multiplier <= 3.0
+
+
+@pytest.mark.parametrize("cls", FAMILY)
+def test_a_bad_gradient_skips_only_its_own_tensor(cls):
+    """Group-wide statistics (adaptive weight decay) must not carry one tensor's NaN into the
+    others: only the tensor with the bad gradient skips its step."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.nn.Parameter(torch.randn(64, 64, generator=gen)) for _ in range(2))
+    opt = cls([a, b], lr=1e-3, min_8bit_size=1)
+    for s in range(3):
+        a.grad, b.grad = (torch.randn(64, 64, generator=gen) for _ in range(2))
+        if s == 2:
+            a.grad[0, 0] = float("nan")
+        before = a.detach().clone(), b.detach().clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # C-Optim's gradient-norm fallback message
+            opt.step()
+    assert torch.equal(a.detach(), before[0]) and not torch.equal(b.detach(), before[1])
+    assert torch.isfinite(b).all() and opt.log_dict()["hina/nonfinite_skipped"] == 1

@@ -153,8 +153,13 @@ class AdaptiveWeightDecay(NoDecoupledDecay):
         l1 = torch.stack(torch._foreach_norm(b.grads, 1))
         sq = torch.stack(torch._foreach_norm(b.grads, 2)).square()
         sizes = torch.tensor([g.numel() for g in b.grads], dtype=l1.dtype, device=l1.device)
-        mean = l1.sum() / sizes.sum()
-        std = (sq.sum() / sizes.sum() - mean.square()).clamp_min(0.0).sqrt()
+        # a tensor with a non-finite gradient is skipped by the engine; it must not make the
+        # statistics (and so every other tensor's step) NaN too
+        ok = torch.isfinite(l1) & torch.isfinite(sq)
+        l1_ok, sq_ok = torch.where(ok, l1, 0.0), torch.where(ok, sq, 0.0)
+        n = torch.where(ok, sizes, 0.0).sum().clamp_min(1.0)
+        mean = l1_ok.sum() / n
+        std = (sq_ok.sum() / n - mean.square()).clamp_min(0.0).sqrt()
         b.extras["awd_k"] = list((2 * torch.sigmoid(4 * (l1 / sizes - mean) / std.clamp_min(_TINY))).unbind())
 
     def math(self, x: Slot) -> None:
