@@ -25,6 +25,10 @@ def test_bench_step_quick_writes_finite_results(tmp_path, capsys):
         assert not r["error"] and math.isfinite(r["ratio_median"]) and r["ratio_median"] > 0
         assert r["host_syncs_per_step"] == 0
     assert rows[0]["state_bytes_per_element"] == 8.0
+    # the least a step moves: params read + written, grads read, state (8 B/elem) read + written
+    n = sum(p.numel() for p in paramsets.build("tiny")[0])
+    assert rows[0]["min_traffic_bytes"] == (2 * 4 + 4 + 2 * 8) * n
+    assert 0 < rows[0]["achieved_gbps"] and 0 < rows[0]["copy_gbps"]
     assert "| HinaAdamW, techniques off, fp32 state | tiny |" in capsys.readouterr().out
 
 

@@ -5,6 +5,13 @@ Method (shared machines are noisy): every candidate and the reference
 gradients, then timed *interleaved* -- reference step, candidate step, alternating which goes first
 -- so slow periods hit both. The reported figure is the median of the per-round ratios
 candidate / reference, with the 10th-90th percentile range as the spread.
+
+Memory traffic: an optimizer step must at least read the gradients, read and write the
+parameters and read and write its state, so ``min_traffic_bytes`` = 2 x parameter bytes + gradient
+bytes + 2 x state bytes, and ``achieved_gbps`` = that / the median step time. Optimizer steps are
+memory-bound; ``copy_gbps`` (``copy_bandwidth``: a large tensor copy on the same device, read +
+write) is what this device reaches in practice, so achieved / copy says how close a step comes to
+the bandwidth limit.
 """
 
 from __future__ import annotations
@@ -106,6 +113,8 @@ class StepResult:
     host_syncs_per_step: float
     rounds: int
     error: str = ""
+    min_traffic_bytes: float = float("nan")
+    achieved_gbps: float = float("nan")
 
 
 def state_bytes_per_element(opt: torch.optim.Optimizer) -> float:
@@ -117,14 +126,38 @@ def state_bytes_per_element(opt: torch.optim.Optimizer) -> float:
     return total / elems if elems else 0.0
 
 
-def _timed(opt: torch.optim.Optimizer, device: torch.device) -> float:
+def min_traffic_bytes(opt: torch.optim.Optimizer) -> float:
+    """Bytes one step must move at least (see the module docstring)."""
+    total = 0.0
+    for p, st in opt.state.items():
+        total += 2 * p.numel() * p.element_size() + (p.grad.numel() * p.grad.element_size() if p.grad is not None else 0)
+        total += 2 * sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return total
+
+
+def copy_bandwidth(device: str = "cpu", mib: int = 256, rounds: int = 5) -> float:
+    """GB/s of a ``mib`` MiB tensor copy (read + write), the best of ``rounds``."""
+    dev = torch.device(device)
+    src = torch.empty(mib * 2 ** 20 // 4, dtype=torch.float32, device=dev).uniform_()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(rounds):
+        best = min(best, _timed_fn(lambda: dst.copy_(src), dev))
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def _timed_fn(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    opt.step()
+    fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0
+
+
+def _timed(opt: torch.optim.Optimizer, device: torch.device) -> float:
+    return _timed_fn(opt.step, device)
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -161,9 +194,11 @@ def run_one(name: str, paramset: str, device: str = "cpu", rounds: int = 30, war
     except Exception as exc:  # an optional baseline that cannot run here is reported, not fatal
         return StepResult(name, label, paramset, device, float("nan"), float("nan"), float("nan"), float("nan"),
                           float("nan"), float("nan"), float("nan"), 0, f"{type(exc).__name__}: {exc}")
+    traffic = min_traffic_bytes(cand)
     return StepResult(name, label, paramset, device, statistics.median(ratios), _percentile(ratios, 0.1),
                       _percentile(ratios, 0.9), statistics.median(ms), statistics.median(ref_ms),
-                      state_bytes_per_element(cand), float(syncs.count), rounds)
+                      state_bytes_per_element(cand), float(syncs.count), rounds, "", traffic,
+                      traffic / (statistics.median(ms) / 1e3) / 1e9)
 
 
 def describe_set(paramset: str) -> str:
@@ -171,22 +206,27 @@ def describe_set(paramset: str) -> str:
     return f"{paramset}: {len(params)} tensors, {sum(p.numel() for p in params) / 1e6:.2f} M elements"
 
 
-def markdown(results: list[StepResult]) -> str:
+def markdown(results: list[StepResult], copy_gbps: Optional[float] = None) -> str:
+    of_copy = f" (of copy, {copy_gbps:.1f} GB/s)" if copy_gbps else ""
     lines = ["| optimizer | set | step ratio vs AdamW foreach (median [p10, p90]) | ms/step | AdamW ms/step "
-             "| state B/elem | host syncs/step |", "|---|---|---|---|---|---|---|"]
+             f"| state B/elem | host syncs/step | achieved GB/s{of_copy} |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.error:
-            lines.append(f"| {r.label} | {r.paramset} | not run: {r.error} | | | | |")
+            lines.append(f"| {r.label} | {r.paramset} | not run: {r.error} | | | | | |")
             continue
+        frac = f" ({r.achieved_gbps / copy_gbps:.0%})" if copy_gbps else ""
         lines.append(f"| {r.label} | {r.paramset} | {r.ratio_median:.3f} [{r.ratio_p10:.3f}, {r.ratio_p90:.3f}] | "
                      f"{r.ms_median:.2f} | {r.ref_ms_median:.2f} | {r.state_bytes_per_element:.3f} | "
-                     f"{r.host_syncs_per_step:.0f} |")
+                     f"{r.host_syncs_per_step:.0f} | {r.achieved_gbps:.1f}{frac} |")
     return "\n".join(lines)
 
 
 def main(sets: list[str], names: list[str], device: str, rounds: int, json_path: Optional[str],
          progress: bool = True) -> list[StepResult]:
     results = []
+    copy_gbps = copy_bandwidth(device, 256 if device.startswith("cuda") else 64)
+    if progress:
+        print(f"{device}: tensor copy {copy_gbps:.1f} GB/s", flush=True)
     for paramset in sets:
         if progress:
             print(describe_set(paramset), flush=True)
@@ -199,8 +239,8 @@ def main(sets: list[str], names: list[str], device: str, rounds: int, json_path:
                 print(f"  {name:26s} {status}", flush=True)
             results.append(res)
     print()
-    print(markdown(results))
+    print(markdown(results, copy_gbps))
     if json_path:
         with open(json_path, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=2)
+            json.dump([{**asdict(r), "copy_gbps": copy_gbps} for r in results], f, indent=2)
     return results
