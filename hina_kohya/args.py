@@ -157,7 +157,8 @@ def validate_one(owner: str, defaults: dict[str, Any], name: str, value: Any) ->
 def parse_literal(key: str, raw: str) -> Any:
     try:
         return ast.literal_eval(raw)
-    except (ValueError, SyntaxError) as exc:
+    # TypeError: an unhashable set / dict key ("{[]: 1}"); RecursionError / MemoryError: absurd nesting
+    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError) as exc:
         low = raw.strip().lower()
         if low in ("true", "false", "none"):
             fix = f"write {key}={low.capitalize()} (capitalised)"
