@@ -63,6 +63,14 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "resume_hparams": (lambda v: v in ("saved", "new"), "'saved' or 'new'"),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
 }
+# switches: a string such as "False" would silently count as True
+_SWITCHES = ("use_spd", "use_cautious", "use_orthogonal_grad", "use_adopt_stability", "use_grams", "use_agr", "use_tam",
+             "use_alora", "dynamic_weight_decay", "use_dynamic_adaptation", "use_lr_mask", "came", "full_finetune",
+             "verbose", "edge_suppression", "background_regularization", "spatial_awareness", "lora_rank_penalty",
+             "enable_cache", "enable_dual_momentum", "use_approximate_svd", "enable_stage_optimization", "foreach",
+             "skip_nonfinite", "master_weights", "amsgrad", "block_wise", "is_paged")
+RULES.update({name: (lambda v: isinstance(v, bool), "True or False") for name in _SWITCHES})
+RULES["fused"] = (lambda v: v is None or isinstance(v, bool), "None, True or False")
 
 
 def check_hparams(owner: str, values: dict[str, Any], extra_rules: Optional[dict] = None) -> None:
@@ -76,8 +84,8 @@ def check_hparams(owner: str, values: dict[str, Any], extra_rules: Optional[dict
             continue
         pred, allowed = rule
         if not pred(value):
-            raise OptimizerArgumentError(
-                f"{owner}: {name}={value!r} is out of range; {name} must be {allowed}.")
+            what = "is not allowed" if allowed in ("True or False", "None, True or False") else "is out of range"
+            raise OptimizerArgumentError(f"{owner}: {name}={value!r} {what}; {name} must be {allowed}.")
 
 
 def signature_defaults(cls: type) -> dict[str, Any]:
@@ -152,6 +160,15 @@ def validate_one(owner: str, defaults: dict[str, Any], name: str, value: Any) ->
                     f"'{name.strip()}=...' with no spaces around '='.") + hint
         raise UnknownOptimizerArgument(f"{owner} has no argument {name!r}.{hint}")
     return coerce(owner, name, value, defaults[name])
+
+
+def refuse_unknown(cls: type, unknown: dict[str, Any]) -> None:
+    """For constructors that take ``**unknown``: Python's own message for an unexpected keyword
+    names no alternative; this one suggests the closest valid argument."""
+    if unknown:
+        defaults = signature_defaults(cls)
+        for name, value in unknown.items():
+            validate_one(cls.__name__, defaults, name, value)
 
 
 def parse_literal(key: str, raw: str) -> Any:

@@ -1,7 +1,6 @@
 """8-bit and bf16 state storage."""
 
 import sys
-import warnings
 
 import pytest
 import torch

@@ -78,7 +78,10 @@ class HinaOptimizer(torch.optim.Optimizer):
                  quant_backend: str = "auto", fused: Optional[bool] = None, skip_nonfinite: bool = True) -> None:
         owner = type(self).__name__
         options = dict(state_precision=state_precision, bf16_rounding=bf16_rounding, seed=seed,
-                       resume_hparams=resume_hparams, min_8bit_size=min_8bit_size)
+                       resume_hparams=resume_hparams, min_8bit_size=min_8bit_size, master_weights=master_weights,
+                       fused=fused, skip_nonfinite=skip_nonfinite)
+        if foreach is not None:
+            options["foreach"] = foreach
         check_hparams(owner, {**defaults, **options}, self.extra_rules)
         if bf16_rounding not in ROUNDINGS:  # pragma: no cover - covered by the rule above
             raise ValueError(bf16_rounding)

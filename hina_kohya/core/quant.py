@@ -100,7 +100,7 @@ class Quantizer:
 
     def __init__(self, backend: str = "auto") -> None:
         if backend not in ("auto", "bitsandbytes", "torch"):
-            raise ValueError(f"quant backend {backend!r}: use 'auto', 'bitsandbytes' or 'torch'")
+            raise ValueError(f"quant_backend={backend!r}: use 'auto', 'bitsandbytes' or 'torch'")
         self.requested = backend
         self._bnb = None if backend == "torch" else _bnb_functional()
         if backend == "bitsandbytes" and self._bnb is None:

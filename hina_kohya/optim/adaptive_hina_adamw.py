@@ -22,6 +22,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 from .. import diagnostics
+from ..args import refuse_unknown
 from ..core.chain import Chain
 from ..core.optimizer import HinaOptimizer
 from ..transforms.adaptive import ImportanceScaling, relationships
@@ -64,7 +65,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                  wd_min_ratio: float = 0.1, state_precision: str = "fp32", foreach: Optional[bool] = None,
                  bf16_rounding: str = "stochastic", master_weights: bool = False, seed: int = 0,
                  resume_hparams: str = "saved", fused: Optional[bool] = None,
-                 skip_nonfinite: bool = True) -> None:
+                 skip_nonfinite: bool = True, **unknown: Any) -> None:
+        refuse_unknown(type(self), unknown)
         owner = type(self).__name__
         state_precision = legacy_state_precision(owner, state_precision, optim_bits, amsgrad=amsgrad,
                                                  percentile_clipping=percentile_clipping, block_wise=block_wise,

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
@@ -119,21 +120,23 @@ class OptimizerConfig:
     state_precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        self.eps, self.betas = tuple(self.eps), tuple(self.betas)
+        # a list (TOML) becomes a tuple; a scalar stays as given and is refused below
+        self.eps, self.betas = (tuple(v) if isinstance(v, (list, tuple)) else v for v in (self.eps, self.betas))
         problems = []
 
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:
                 problems.append(f"{name}={getattr(self, name)!r}: {what}")
 
-        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
         need(num(self.lr) and self.lr > 0, "lr", "use a number > 0")
         need(num(self.min_lr) and num(self.max_lr) and 0 < self.min_lr < self.max_lr, "min_lr",
              f"use 0 < min_lr < max_lr (max_lr={self.max_lr!r})")
         need(num(self.lr_bump) and self.lr_bump >= 0, "lr_bump", "use a number >= 0")
-        need(len(self.eps) >= 2 and all(num(e) and e > 0 for e in self.eps), "eps",
+        need(isinstance(self.eps, tuple) and len(self.eps) >= 2 and all(num(e) and e > 0 for e in self.eps), "eps",
              "use a tuple of at least two numbers > 0, e.g. (1e-30, 1e-16, 1e-8)")
-        need(len(self.betas) == 3 and all(num(b) and 0 <= b < 1 for b in self.betas), "betas",
+        need(isinstance(self.betas, tuple) and len(self.betas) == 3 and all(num(b) and 0 <= b < 1 for b in self.betas),
+             "betas",
              "use three numbers in [0, 1), e.g. (0.8, 0.99, 0.999)")
         for name in ("clip_threshold", "eta"):
             need(num(getattr(self, name)) and getattr(self, name) > 0, name, "use a number > 0")
@@ -151,6 +154,11 @@ class OptimizerConfig:
         need(self.alpha_mix_ratio is None or (num(self.alpha_mix_ratio) and 0 <= self.alpha_mix_ratio <= 1),
              "alpha_mix_ratio", "use None (0.5) or a number in [0, 1]")
         need(self.state_precision in ("fp32", "bf16", "8bit"), "state_precision", 'use "fp32", "bf16" or "8bit"')
+        # accepted for compatibility, no effect (README): still only sensible values
+        need(num(self.detail_preservation) and self.detail_preservation >= 0, "detail_preservation", "use a number >= 0")
+        need(num(self.low_rank_emphasis) and self.low_rank_emphasis > 0, "low_rank_emphasis", "use a number > 0")
+        need(isinstance(self.max_cache_size, int) and not isinstance(self.max_cache_size, bool)
+             and self.max_cache_size >= 0, "max_cache_size", "use an integer >= 0")
         if problems:
             raise ValueError("OptimizerConfig: " + "; ".join(problems))
 

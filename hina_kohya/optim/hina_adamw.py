@@ -33,6 +33,7 @@ import torch
 from typing import Any, Iterable, Optional
 
 from .. import diagnostics
+from ..args import refuse_unknown
 from ..core.chain import Chain, Transform
 from ..core.optimizer import HinaOptimizer
 from ..transforms.agr import AGR
@@ -81,7 +82,8 @@ class HinaAdamW(HinaOptimizer):
                  wd_decay_factor: float = 0.7, wd_min_ratio: float = 0.1, state_precision: str = "fp32",
                  foreach: Optional[bool] = None, bf16_rounding: str = "stochastic", master_weights: bool = False,
                  seed: int = 0, resume_hparams: str = "saved", fused: Optional[bool] = None,
-                 skip_nonfinite: bool = True) -> None:
+                 skip_nonfinite: bool = True, **unknown: Any) -> None:
+        refuse_unknown(type(self), unknown)
         owner = type(self).__name__
         flags = dict(use_spd=use_spd, use_cautious=use_cautious, use_orthogonal_grad=use_orthogonal_grad,
                      use_adopt_stability=use_adopt_stability, use_grams=use_grams, use_agr=use_agr, use_tam=use_tam,
