@@ -162,6 +162,8 @@ def build_structure(names: Sequence[Optional[str]], shapes: Sequence[Sequence[in
         if r is None or not r.module:
             continue
         st.modules.setdefault(r.module, []).append(i)
+        if r.kind == "other":  # plain weights and biases of a full fine-tune: nothing to pair
+            continue
         slots = by_module.setdefault(r.module, {})
         if (r.kind, r.slot) in slots:
             st.warnings.append(f"duplicate parameter role {r.kind}{'.' + r.slot if r.slot else ''} in {r.module}")

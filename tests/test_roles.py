@@ -134,6 +134,12 @@ def test_other_names_and_full_finetune():
     assert (peft.kind, peft.factor, peft.module) == ("lora_B", "B", "base_model.model.q_proj")
 
 
+def test_plain_weights_and_biases_of_one_module_are_not_duplicates():
+    st = build_structure(["head.weight", "head.bias", "m.lora_down.weight", "m.lora_down.weight"],
+                         [(8, 4), (8,), (2, 4), (2, 4)])
+    assert st.warnings == ["duplicate parameter role lora_down in m"]  # a real duplicate still is
+
+
 def test_incompatible_shapes_are_not_paired_and_warned():
     st = build_structure(["m.lora_down.weight", "m.lora_up.weight"], [(4, 10), (12, 5)])
     assert st.pairs == [] and st.warnings
