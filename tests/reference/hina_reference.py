@@ -80,8 +80,8 @@ class ReferenceHina:
         lokr = self.lokr_scales() if hp.get("use_alora") else {}
         for i, p in enumerate(self.params):
             g = p.grad.clone()
-            if hp["use_orthogonal_grad"]:
-                g = orthograd(p, g)
+            if hp["use_orthogonal_grad"] and not (self.roles[i] is not None and self.roles[i].is_b):
+                g = orthograd(p, g)  # zero-initialised adapter factors are left alone
             if hp["use_agr"]:
                 g = agr(g)
             m_in = g
