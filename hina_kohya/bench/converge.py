@@ -145,25 +145,21 @@ class Cell:
 def _runner(task: Task, quick: bool, cache: dict) -> Callable[..., RunResult]:
     """``run(seed, make_optimizer, lr, steps, label, device) -> RunResult`` for ``task``; the
     pretrained model and the data are loaded once per model kind (``cache``)."""
-    if task.model == "text":
-        if "text" not in cache:
+    if task.model not in cache:
+        if task.model == "text":
             encoder, tokenizer = text_task.load_encoder()
             cache["text"] = encoder, text_task.make_data(tokenizer, (2, 1, 1) if quick else None)
-        encoder, data = cache["text"]
+        else:
+            base, tables, _ = denoiser.load_pretrained()
+            cache["denoiser"] = base, adapter_task.make_data(tables, *((8, 16) if quick else (64, 128)), seed=0)
+    model, data = cache[task.model]
+    module = text_task if task.model == "text" else adapter_task
+    batch = QUICK_BATCH if quick else task.batch
 
-        def run_text(seed, make, lr, steps, label, device):
-            return text_task.run_once(encoder, task.algo, seed, make, lr, data, steps, QUICK_BATCH if quick else task.batch,
-                                      label, max(1, steps // 10), device, validation=True)
-        return run_text
-    if "denoiser" not in cache:
-        base, tables, _ = denoiser.load_pretrained()
-        cache["denoiser"] = base, adapter_task.make_data(tables, *((8, 16) if quick else (64, 128)), seed=0)
-    base, data = cache["denoiser"]
-
-    def run_denoiser(seed, make, lr, steps, label, device):
-        return adapter_task.run_once(base, task.algo, seed, make, lr, data, steps, QUICK_BATCH if quick else task.batch,
-                                     label, max(1, steps // 10), device, validation=True)[0]
-    return run_denoiser
+    def run_task(seed, make, lr, steps, label, device):
+        return module.run_once(model, task.algo, seed, make, lr, data, steps, batch, label, max(1, steps // 10),
+                               device, validation=True)[0]
+    return run_task
 
 
 def run(tasks: list[str], entries: list[tuple[str, Callable, Optional[tuple]]], seeds: int, steps: int,

@@ -117,11 +117,15 @@ class StepResult:
     achieved_gbps: float = float("nan")
 
 
+def _state_bytes(st: dict) -> int:
+    """Bytes of one parameter's state tensors (0-d step counters excluded)."""
+    return sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
 def state_bytes_per_element(opt: torch.optim.Optimizer) -> float:
     total = elems = 0
     for p, st in opt.state.items():
-        total += sum(v.numel() * v.element_size() for v in st.values()
-                     if isinstance(v, torch.Tensor) and v.dim() > 0)  # 0-d step counters excluded
+        total += _state_bytes(st)
         elems += p.numel()
     return total / elems if elems else 0.0
 
@@ -131,7 +135,7 @@ def min_traffic_bytes(opt: torch.optim.Optimizer) -> float:
     total = 0.0
     for p, st in opt.state.items():
         total += 2 * p.numel() * p.element_size() + (p.grad.numel() * p.grad.element_size() if p.grad is not None else 0)
-        total += 2 * sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+        total += 2 * _state_bytes(st)
     return total
 
 

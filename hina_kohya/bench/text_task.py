@@ -183,9 +183,11 @@ def split_loss(model: Classifier, data: Sentences, batch: int = 128) -> float:
 
 def run_once(encoder: nn.Module, algo: str, seed: int, make_optimizer: Callable, lr: float, data: TextData,
              steps: int, batch: int, label: str, eval_every: int, device: torch.device,
-             progress: Callable[[int, float], None] = lambda s, l: None, validation: bool = False) -> RunResult:
+             progress: Callable[[int, float], None] = lambda s, l: None,
+             validation: bool = False) -> tuple[RunResult, Classifier]:
     """One run on a copy of the frozen ``encoder``: the adapter and the head from ``seed``, named
-    groups at ``lr``, ``make_optimizer(groups)``, mini-batches of ``batch`` training sentences."""
+    groups at ``lr``, ``make_optimizer(groups)``, mini-batches of ``batch`` training sentences.
+    Returns ``(RunResult, the trained classifier)``, as ``adapter_task.run_once`` does."""
     from .adapter_task import digest
 
     enc = copy.deepcopy(encoder).to(device).eval()
@@ -209,4 +211,4 @@ def run_once(encoder: nn.Module, algo: str, seed: int, make_optimizer: Callable,
 
     start = digest(network) + digest(model.head)
     return fit([p for _, p in named], optimizer, next_loss, lambda s: split_loss(model, splits[s]), steps, seed,
-               label, eval_every, device, progress, validation, set_mode=set_mode, init_digest=start)
+               label, eval_every, device, progress, validation, set_mode=set_mode, init_digest=start), model

@@ -137,6 +137,13 @@ class Bucket:
     def __len__(self) -> int:
         return len(self.params)
 
+    def role_flags(self, predicate: Callable[[Any], bool]) -> list[Tensor]:
+        """Per tensor a 0-d 1 where ``predicate(role)`` holds, else 0: a role-based decision the
+        per-tensor math (and so the fused kernels, which see no roles) gets through ``extras``."""
+        one = torch.ones((), dtype=self.compute_dtype, device=self.params[0].device)
+        zero = torch.zeros_like(one)
+        return [one if predicate(r) else zero for r in self.roles]
+
     # -- the update -----------------------------------------------------------------------
     def set_update(self, tensors: list[Tensor], owned: bool = True) -> None:
         """Set the update. ``owned=False`` lends tensors that must not be modified (e.g. a state

@@ -44,9 +44,7 @@ class OrthogonalGradient(Transform):
     name = "orthograd"
 
     def prepare(self, b: Bucket) -> None:
-        one = torch.ones((), dtype=b.compute_dtype, device=b.params[0].device)
-        zero = torch.zeros_like(one)
-        b.extras["orthograd_on"] = [one if _projected(r) else zero for r in b.roles]
+        b.extras["orthograd_on"] = b.role_flags(_projected)
 
     def foreach(self, b: Bucket) -> None:
         idx = [i for i, r in enumerate(b.roles) if _projected(r)]

@@ -130,10 +130,9 @@ class RowScaling(Transform):
     def prepare(self, b: Bucket) -> None:
         if self.factored is None:
             return  # the state exists exactly where the scaling applies
-        one = torch.ones((), dtype=b.compute_dtype, device=b.params[0].device)
-        zero = torch.zeros_like(one)
-        b.extras["row_on"] = [one if p.dim() >= 2 and _adapter_or_unknown(r) else zero
-                              for p, r in zip(b.params, b.roles)]
+        # 1-D tensors have no rows: the statistics' shape decides in math (as_matrix), the role here
+        b.extras["row_on"] = [on if p.dim() >= 2 else torch.zeros_like(on)
+                              for p, on in zip(b.params, b.role_flags(_adapter_or_unknown))]
 
     def math(self, x: Slot) -> None:
         if self.factored is None:
