@@ -213,19 +213,35 @@ def group_names(group: dict, n_params: int) -> tuple[Optional[list[str]], Option
     return None, None
 
 
-def structure_of(param_groups: Sequence[dict]) -> tuple[Structure, list[str]]:
-    """Build the Structure of an optimizer's param groups; also return problems found."""
+def structure_of(param_groups: Sequence[dict],
+                 known_shapes: Optional[Sequence[Sequence[tuple]]] = None) -> tuple[Structure, list[str]]:
+    """Build the Structure of an optimizer's param groups; also return problems found.
+
+    ``known_shapes[i]``: the shapes group ``i``'s tensors had when its names were first bound.
+    A group whose tensors were swapped for others of different shapes under the same names (the
+    one flat fp32 partition per group that DeepSpeed ZeRO 1/2 puts in place of the parameters)
+    is reported and treated as unnamed."""
     names: list[Optional[str]] = []
     shapes: list[Sequence[int]] = []
     problems: list[str] = []
-    for g in param_groups:
+    for i, g in enumerate(param_groups):
         params = g["params"]
+        group_shapes = [tuple(p.shape) if isinstance(p, torch.Tensor) else () for p in params]
         gn, problem = group_names(g, len(params))
+        if gn is not None and known_shapes is not None and i < len(known_shapes) \
+                and group_shapes != list(known_shapes[i]):
+            gn, problem = None, (f"param group key 'param_names' names tensors of other shapes than the group now "
+                                 f"holds ({_few_shapes(group_shapes)}; flattened parameters, e.g. DeepSpeed ZeRO?)")
         if problem:
-            problems.append(problem)
+            problems.append(f"group {i}: {problem}")
         names.extend(gn if gn is not None else [None] * len(params))
-        shapes.extend(tuple(p.shape) if isinstance(p, torch.Tensor) else () for p in params)
+        shapes.extend(group_shapes)
     return build_structure(names, shapes), problems
+
+
+def _few_shapes(shapes: Sequence[tuple], k: int = 2) -> str:
+    shown = ", ".join(str(list(s)) for s in shapes[:k])
+    return f"shapes {shown}{', ...' if len(shapes) > k else ''}"
 
 
 # Kinds that are never weight-decayed (INTEGRATION.md §3.4): scales, norms, vector deltas and

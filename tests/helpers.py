@@ -123,3 +123,20 @@ def assert_resume_exact(make_opt, seed: int, steps: int, split: int) -> dict:
     for a, b in zip(params_of(full), params_of(part)):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     return sd
+
+
+#: the opt-in heuristics of the Automagic family (ALGORITHMS.md §2.26), on
+OPT_IN = dict(edge_suppression=True, background_regularization=True, spatial_awareness=True, frequency_penalty=0.05,
+              lora_rank_penalty=True, enable_dual_momentum=True)
+
+
+def every_technique(cls: type, **kw) -> dict:
+    """Constructor keywords that switch on every technique ``cls`` has: each default-on switch
+    (``bench.ablate.SWITCHES``) and each opt-in heuristic it accepts; ``kw`` on top."""
+    from hina_kohya.args import signature_defaults
+    from hina_kohya.bench.ablate import SWITCHES
+
+    accepted = signature_defaults(cls)
+    on = {name: True for name in SWITCHES if name in accepted}
+    on.update({name: value for name, value in OPT_IN.items() if name in accepted})
+    return {**on, **kw}

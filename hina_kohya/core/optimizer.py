@@ -97,6 +97,8 @@ class HinaOptimizer(torch.optim.Optimizer):
         self.store = StateStore(state_precision, min_8bit_size, seed, quant_backend)
         self._chains: dict[int, Chain] = {}
         self._structure: Optional[roles_mod.Structure] = None
+        self._named_shapes: list[list[tuple]] = []  # per group: its tensors' shapes when first seen
+        self._seen_lists: list[tuple[list, int]] = []  # per group: (params list, length) the structure saw
         self._flat_index: list[list[int]] = []
         self._flat_params: list[Tensor] = []
         self._derived: dict[str, Any] = {}  # transform caches derived from the structure
@@ -171,10 +173,16 @@ class HinaOptimizer(torch.optim.Optimizer):
         return self._structure
 
     def _build_structure(self) -> None:
-        st, problems = roles_mod.structure_of(self.param_groups)
-        for problem in problems:
-            self.note_once(f"{problem}; name-aware features are off for that group")
+        # shapes under which each group's names were first seen: a later swap of the tensors for
+        # one flat partition (DeepSpeed ZeRO 1/2 does it after construction) is then recognised
+        for g in self.param_groups[len(self._named_shapes):]:
+            self._named_shapes.append([tuple(p.shape) for p in g["params"]])
+        st, problems = roles_mod.structure_of(self.param_groups, self._named_shapes)
+        if problems:
+            self.note_once("name-aware features (roles, LoRA pairs, LoRA+ and LoKr scaling, relationships) are off "
+                           f"for {len(problems)} param group(s): " + "; ".join(problems))
         self._structure = st
+        self._seen_lists = [(g["params"], len(g["params"])) for g in self.param_groups]
         self._derived = {}
         self._flat_params = [p for g in self.param_groups for p in g["params"]]
         self._flat_index = []
@@ -183,6 +191,11 @@ class HinaOptimizer(torch.optim.Optimizer):
             n = len(g["params"])
             self._flat_index.append(list(range(offset, offset + n)))
             offset += n
+
+    def _lists_changed(self) -> bool:
+        groups = self.param_groups
+        return len(groups) != len(self._seen_lists) or any(
+            g["params"] is not seen or len(seen) != n for g, (seen, n) in zip(groups, self._seen_lists))
 
     def note_once(self, message: str) -> None:
         """Warn once per optimizer about a degraded mode (never per step)."""
@@ -198,6 +211,8 @@ class HinaOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.before_step(loss)
+        if self._structure is not None and self._lists_changed():
+            self._invalidate()  # params swapped after the first step (e.g. for a flat partition)
         structure = self.structure
         self.step_count += 1
         for gi, group in enumerate(self.param_groups):

@@ -5,8 +5,9 @@ drives the step through one ``accelerate.Accelerator``; two of its methods are w
 optimizers built through our hook only (``track``):
 
 * ``Accelerator.backward(loss)``: the loss reaches ``optimizer.set_loss`` (C-Optim's context
-  signal). Micro-batches of one accumulated step average there; with several processes the loss
-  is averaged across them first, so every rank sees the same signal (parameters stay identical).
+  signal). Micro-batches of one accumulated step average there; with several processes the
+  optimizer averages the signal across them at its step (one collective per step, not per
+  micro-batch), so every rank sees the same signal and parameters stay identical.
 
 and the ``log`` method of every tracker class in ``accelerate.tracking`` (TensorBoard, W&B, ...:
 sd-scripts logs through the trackers directly, ``Accelerator.log`` ends there too): when the
@@ -93,8 +94,6 @@ def _feed_loss(accelerator: Any, loss: Any) -> None:
     if not takers or not hasattr(loss, "detach"):
         return
     value = loss.detach().float().mean()
-    if getattr(accelerator, "num_processes", 1) > 1:
-        value = accelerator.reduce(value, reduction="mean")
     for opt in takers:
         opt.set_loss(value)
 

@@ -314,12 +314,26 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - the original's public n
                       CAMEConfidence(), *tail, *self._rows(hp), LRMask()])
 
 
+def _mean_over_ranks(value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``value`` averaged over the ranks of the default process group (DESIGN.md §5: under DDP
+    every rank computes the same update, and each rank's loss differs); as is without one."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return value
+    total = value.detach().to(device=device, dtype=torch.float32).clone()
+    dist.all_reduce(total)  # SUM: gloo has no AVG
+    return total / dist.get_world_size()
+
+
 class Automagic_CameAMP_COptim(Automagic_CameAMP):  # noqa: N801
     """Automagic_CameAMP with the C-Optim context multiplier (transforms/context.py).
 
     Give it the loss: ``optimizer.step(closure)`` or ``optimizer.set_loss(loss)`` before
     ``step()`` (the sd-scripts hook does this). Without a loss it uses the global gradient norm
-    as the signal and says so once; ``log_dict()`` reports ``hina/coptim/signal_is_loss``."""
+    as the signal and says so once; ``log_dict()`` reports ``hina/coptim/signal_is_loss``. Under
+    ``torch.distributed`` each rank's loss is averaged over the ranks at ``step()`` (one
+    all-reduce of a scalar), so data-parallel ranks keep identical parameters; every rank must
+    therefore call ``step()``, as DDP training loops do."""
 
     def __init__(self, params: Iterable, config: Optional[OptimizerConfig] = None,
                  regularizers: Sequence[RegularizationStrategy] = (), **kwargs: Any) -> None:
@@ -353,6 +367,8 @@ class Automagic_CameAMP_COptim(Automagic_CameAMP):  # noqa: N801
         if signal is not None and self._loss_count > 1:
             signal = signal / self._loss_count
         self._loss, self._loss_count = None, 0
+        if signal is not None:
+            signal = _mean_over_ranks(signal, self.param_groups[0]["params"][0].device)
         if signal is None:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             if not grads:
