@@ -278,8 +278,8 @@ def tensor_step(transforms: list[Transform], x: Slot, skip_nonfinite: bool = Tru
     ``new = p * (1 - lr * rate * wd * decay) - lr * rate * upd_scale * mask_scale * mask * u``,
     then post-update projections. Returns the new parameter value (compute dtype).
 
-    A non-finite gradient or update skips the tensor's step: its state is restored and the
-    parameter value returned unchanged (``x.scratch["skipped"]`` is 1). In the fused kernel the
+    A non-finite gradient, update or new state skips the tensor's step: its state is restored and
+    the parameter value returned unchanged (``x.scratch["skipped"]`` is 1). In the fused kernel the
     snapshot and the selection fuse into the loops that run anyway.
 
     ``static``: the transforms' ``static_keys`` for this tensor's step, or None when unknown."""
@@ -304,6 +304,8 @@ def tensor_step(transforms: list[Transform], x: Slot, skip_nonfinite: bool = Tru
         x.scratch["skipped"] = torch.zeros((), dtype=x.p.dtype, device=x.p.device)
         return new
     finite = finite & torch.isfinite(new).all()
+    for k in saved:  # a finite step can still overflow a state (g**2 past fp32's range)
+        finite = finite & torch.isfinite(x.st[k]).all()
     for k, old in saved.items():
         x.st[k].copy_(torch.where(finite, x.st[k], old))
     x.scratch["skipped"] = (~finite).to(x.p.dtype)

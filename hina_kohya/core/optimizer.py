@@ -58,9 +58,10 @@ class HinaOptimizer(torch.optim.Optimizer):
                        path, with one warning, where compilation is unavailable.
       foreach:         for the unfused path: True (default) runs the list-wise path, False the
                        readable single-tensor reference path.
-      skip_nonfinite:  True (default): a NaN/inf gradient or update leaves that tensor's value and
-                       state untouched (free in the fused kernels; on the list-wise path it costs a
-                       snapshot, about two extra memory passes per state and parameter).
+      skip_nonfinite:  True (default): a NaN/inf gradient, update or new state (g**2 past fp32's
+                       range) leaves that tensor's value and state untouched (free in the fused
+                       kernels; on the list-wise path it costs a snapshot and a check, about three
+                       extra memory passes per state and parameter).
       bf16_rounding:   "stochastic" (default) | "kahan" | "nearest" for bf16 parameters.
       master_weights:  keep an fp32 copy of bf16/fp16 params in state (required for fp16).
       seed:            seed of stochastic rounding (deterministic per step and parameter).
@@ -221,7 +222,7 @@ class HinaOptimizer(torch.optim.Optimizer):
             buckets: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, int]]] = {}
             for p, idx in zip(group["params"], self._flat_index[gi]):
                 g = p.grad
-                if g is None:
+                if g is None or p.numel() == 0:  # a zero-size tensor has nothing to update (nor state)
                     continue
                 if g.is_sparse:
                     raise TypeError(f"{type(self).__name__} does not support sparse gradients")
@@ -342,6 +343,11 @@ class HinaOptimizer(torch.optim.Optimizer):
             return
         largest = torch._foreach_norm(targets, float("inf"))
         finite = [f & torch.isfinite(m) for f, m in zip(b.scratch["finite"], largest)]
+        for views in b.state.values():  # a finite step can still overflow a state (g**2 past fp32's range)
+            present = [i for i, v in enumerate(views) if v is not None]
+            if present:
+                for i, m in zip(present, torch._foreach_norm([views[i] for i in present], float("inf"))):
+                    finite[i] = finite[i] & torch.isfinite(m)
         for i, (x, ok) in enumerate(zip(targets, finite)):
             old = b.scratch["old_params"][i]
             if old is None:
