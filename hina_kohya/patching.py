@@ -138,6 +138,17 @@ def _write(path: Path, text: str) -> None:
         raise
 
 
+def _restore(written: list[tuple[str, Path]], originals: dict[str, str]) -> list[tuple[str, str]]:
+    """Put back the original text of the files written so far; (file, reason) for each that failed."""
+    failed = []
+    for rel, path in written:
+        try:
+            _write(path, originals[rel])
+        except OSError as exc:
+            failed.append((rel, str(exc)))
+    return failed
+
+
 def run(kind: str, folder: str, mode: str = "check") -> tuple[int, list[str]]:
     """Check, apply or revert the ``kind`` patch on ``folder``: (exit code, report lines).
     Exit 0: done / applies cleanly; 1: it does not fit (nothing changed); 2: bad target."""
@@ -187,14 +198,19 @@ def run(kind: str, folder: str, mode: str = "check") -> tuple[int, list[str]]:
     if not todo:
         return 1, report + ["already patched; nothing to apply (--revert undoes it). Nothing changed." if mode == "apply"
                             else "not patched; nothing to revert. Nothing changed."]
-    written: list[tuple[Path, str]] = []
+    written: list[tuple[str, Path]] = []
     try:
         for fp, path in todo:
-            _write(path, results[fp.path])
-            written.append((path, originals[fp.path]))
-    except BaseException:
-        for path, text in written:  # all or nothing
-            _write(path, text)
+            try:
+                _write(path, results[fp.path])
+            except OSError as exc:  # disk full, read-only file system, permissions: all or nothing
+                unrestored = _restore(written, originals)
+                return 2, report + [f"{fp.path}: could not write it ({exc})"] + (
+                    [f"{rel}: could not restore it ({why}); run git checkout -- {rel}" for rel, why in unrestored]
+                    if unrestored else ["the files written before it were restored. Nothing changed."])
+            written.append((fp.path, path))
+    except BaseException:  # an interrupt between two files
+        _restore(written, originals)
         raise
     verb = "patched" if mode == "apply" else "restored"
     done = {fp.path for fp, _ in todo}

@@ -147,6 +147,58 @@ def test_never_writes_through_a_symlink_out_of_the_target(tmp_path):
     assert real.read_text() == original[rel]
 
 
+def test_never_writes_through_a_symlinked_directory_out_of_the_target(tmp_path):
+    root, outside = tmp_path / "checkout", tmp_path / "elsewhere"
+    root.mkdir()
+    original = _synthetic_checkout(root, "sd-scripts")
+    shutil.move(str(root / "library"), str(outside))  # library/ now lives outside, linked back in
+    os.symlink(outside, root / "library", target_is_directory=True)
+    before_outside, before_root = _snapshot(outside), _snapshot(root)
+    for mode in ("check", "apply"):
+        code, report = run("sd-scripts", str(root), mode)
+        assert code == 2 and "outside" in report[-1] and "library/train_util.py" in report[-1], report
+    assert _snapshot(outside) == before_outside and _snapshot(root) == before_root
+    assert any("library" in rel for rel in original)
+
+
+def test_a_symlinked_directory_inside_the_target_is_patched_in_place(tmp_path):
+    original = _synthetic_checkout(tmp_path, "sd-scripts")
+    shutil.move(str(tmp_path / "library"), str(tmp_path / "vendored_library"))
+    os.symlink(tmp_path / "vendored_library", tmp_path / "library", target_is_directory=True)
+    code, report = run("sd-scripts", str(tmp_path), "apply")
+    assert code == 0, report
+    assert (tmp_path / "library").is_symlink()  # the link itself is left a link
+    assert MARKER in (tmp_path / "vendored_library" / "train_util.py").read_text()
+    code, report = run("sd-scripts", str(tmp_path), "revert")
+    assert code == 0 and (tmp_path / "vendored_library" / "train_util.py").read_text() == original["library/train_util.py"]
+
+
+@pytest.mark.parametrize("restore_fails", [False, True], ids=["rolled-back", "rollback-fails"])
+def test_a_failed_write_rolls_back_the_files_already_written(tmp_path, monkeypatch, restore_fails):
+    import hina_kohya.patching as patching
+
+    _synthetic_checkout(tmp_path, "sd-scripts")
+    before = _snapshot(tmp_path)
+    real_write, calls = patching._write, []
+
+    def failing_write(path, text):
+        calls.append(path)
+        if len(calls) == 2 or (restore_fails and len(calls) > 2):  # the second file: disk full
+            raise OSError(28, "No space left on device")
+        real_write(path, text)
+
+    monkeypatch.setattr(patching, "_write", failing_write)
+    code, report = run("sd-scripts", str(tmp_path), "apply")
+    text = "\n".join(report)
+    assert code == 2 and "could not write it ([Errno 28] No space left on device)" in text, report
+    if restore_fails:  # the user is told which file is left patched, and how to undo it
+        first = os.path.relpath(calls[0], os.path.realpath(tmp_path))
+        assert report[-1].startswith(f"{first}: could not restore it") and f"git checkout -- {first}" in report[-1]
+    else:
+        assert report[-1] == "the files written before it were restored. Nothing changed."
+        assert _snapshot(tmp_path) == before
+
+
 def test_cli(tmp_path, capsys):
     _synthetic_checkout(tmp_path, "lycoris")
     assert main(["patch", "--lycoris", str(tmp_path)]) == 0
