@@ -140,6 +140,66 @@ def test_resume_hparams_rule(rule):
     assert o2.param_groups[0]["betas"] == ((0.9, 0.99) if rule == "saved" else (0.8, 0.9))
 
 
+@pytest.mark.parametrize("rule", ["saved", "new"])
+def test_changed_hyperparameters_are_named_in_one_warning_with_the_rule(rule):
+    m = TinyLoRANet(10)
+    o = plain_hina(m.groups(), betas=(0.9, 0.99), eps=1e-8)
+    train(m, o, 2)
+    sd = roundtrip(o.state_dict())
+    sd["param_groups"][0]["lr"] = 3e-4  # where a scheduler left it: not a change to report
+    o2 = plain_hina(m.groups(), betas=(0.8, 0.9), eps=1e-6, resume_hparams=rule)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        o2.load_state_dict(sd)
+    notes = [str(w.message) for w in caught if "differ from the checkpoint" in str(w.message)]
+    assert len(notes) == 1, notes
+    assert "2 hyperparameter(s)" in notes[0] and "lr:" not in notes[0]
+    assert "betas: checkpoint (0.9, 0.99), constructor (0.8, 0.9)" in notes[0] and "eps: checkpoint 1e-08" in notes[0]
+    assert f"resume_hparams={rule!r}" in notes[0]
+    assert ("pass resume_hparams='new'" in notes[0]) == (rule == "saved")
+    # unchanged hyperparameters: nothing to say
+    o3 = plain_hina(m.groups(), betas=(0.9, 0.99), eps=1e-8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        o3.load_state_dict(roundtrip(o.state_dict()))
+
+
+@pytest.mark.parametrize("rule", ["saved", "new"])
+def test_the_c_optim_context_follows_the_resume_rule(rule):
+    from hina_kohya import Automagic_CameAMP_COptim
+
+    def make(**kw):
+        return Automagic_CameAMP_COptim(m.groups(lrs=(1e-3, 1e-3)), lr=1e-3, **kw)
+
+    m = TinyLoRANet(12)
+    o = make(context_window=8, edge_threshold=0.7, adaptation_rate=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(m, o, 12)
+        sd = roundtrip(o.state_dict())
+        # the checkpoint's window, or the constructor's: each is honoured with its whole history
+        o2 = make(context_window=12 if rule == "saved" else 8, edge_threshold=0.5, adaptation_rate=0.05,
+                  resume_hparams=rule)
+        o2.load_state_dict(sd)
+    c = o2.context
+    assert (c.window, c.edge_threshold, c.adaptation_rate) == ((8, 0.7, 0.2) if rule == "saved" else (8, 0.5, 0.05))
+    assert o2.param_groups[0]["edge_threshold"] == c.edge_threshold
+    assert torch.equal(c.t["history"], o.context.t["history"])
+
+
+def test_a_new_c_optim_window_cannot_continue_the_saved_history():
+    from hina_kohya import Automagic_CameAMP_COptim
+
+    m = TinyLoRANet(12)
+    o = Automagic_CameAMP_COptim(m.groups(lrs=(1e-3, 1e-3)), lr=1e-3, context_window=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(m, o, 3)
+        o2 = Automagic_CameAMP_COptim(m.groups(lrs=(1e-3, 1e-3)), lr=1e-3, context_window=12, resume_hparams="new")
+        with pytest.raises(ValueError, match="context_window is 8, this optimizer's is 12: pass context_window=8"):
+            o2.load_state_dict(roundtrip(o.state_dict()))
+
+
 def test_state_dict_is_weights_only_safe_with_names():
     m = TinyLoRANet(11)
     o = plain_hina(m.groups(), state_precision="8bit", min_8bit_size=16)

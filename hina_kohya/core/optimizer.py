@@ -616,6 +616,13 @@ class HinaOptimizer(torch.optim.Optimizer):
                 self.last_load_report["reshaped"] = reshaped
             warnings.warn(f"{type(self).__name__}.load_state_dict: {len(reshaped)} parameter(s) changed shape since "
                           f"the checkpoint; their state starts fresh{_few(reshaped)}.", stacklevel=2)
+        changed = _changed_hparams(current_hp, aligned["param_groups"])
+        if changed:
+            kept = "the constructor's values are used" if self.resume_hparams == "new" else \
+                "the checkpoint's values are used; pass resume_hparams='new' to use the constructor's"
+            warnings.warn(f"{type(self).__name__}.load_state_dict: {len(changed)} hyperparameter(s) differ from the "
+                          f"checkpoint ({'; '.join(changed)}); resume_hparams={self.resume_hparams!r}: {kept}.",
+                          stacklevel=2)
         if self.resume_hparams == "new":
             for g, hp in zip(self.param_groups, current_hp):
                 g.update(hp)
@@ -691,6 +698,17 @@ class HinaOptimizer(torch.optim.Optimizer):
             f"name. {len(added)} new parameter(s) start fresh{_few(added)}, {len(removed)} saved parameter(s) are "
             f"gone{_few(removed)}.", stacklevel=3)
         return {"state": new_state, "param_groups": new_groups}
+
+
+def _changed_hparams(constructed: list[dict], saved_groups: list[dict]) -> list[str]:
+    """'name: checkpoint X, constructor Y' for each hyperparameter that differs in some group.
+    ``lr`` is left out: a scheduler moves it, so the saved value always differs from the first."""
+    out: dict[str, str] = {}
+    for gi, (now, saved) in enumerate(zip(constructed, saved_groups)):
+        for key, value in now.items():
+            if key != "lr" and key in saved and key not in out and saved[key] != value:
+                out[key] = f"{key}: checkpoint {saved[key]!r}, constructor {value!r}" + (f" (group {gi})" if gi else "")
+    return list(out.values())
 
 
 def _few(names: list[str], k: int = 3) -> str:

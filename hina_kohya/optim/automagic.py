@@ -401,6 +401,13 @@ class Automagic_CameAMP_COptim(Automagic_CameAMP):  # noqa: N801
         state_dict = dict(state_dict)
         ctx = state_dict.pop("hina_context", None)
         super().load_state_dict(state_dict)
+        # the context's settings follow the rule of resume_hparams like every hyperparameter
+        hp = self.param_groups[0]
+        window = int(hp.get("context_window", self.context.window))
+        if self.resume_hparams == "saved" and window != self.context.window:
+            self.context = Context(window, self.context.edge_threshold, self.context.adaptation_rate)
+        self.context.edge_threshold = float(hp.get("edge_threshold", self.context.edge_threshold))
+        self.context.adaptation_rate = float(hp.get("adaptation_rate", self.context.adaptation_rate))
         if ctx is not None:
             self.context.load_state_dict(ctx)
 
