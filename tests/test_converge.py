@@ -48,6 +48,21 @@ def test_a_diverged_seed_makes_the_learning_rate_lose():
     assert row["lr_grid_validation"]["0.01"] == float("inf")
 
 
+def test_base_concept_forgetting_is_the_mean_change_over_seeds():
+    c = converge.Cell("t", "adamw", 1e-3)
+    c.runs = [_run(1e-3, [(0, 1.0), (4, 0.9)], 0.9), _run(1e-3, [(0, 1.0), (4, 0.8)], 0.8)]
+    (c.runs[0].base_heldout_before, c.runs[0].base_heldout_after) = (0.10, 0.13)
+    (c.runs[1].base_heldout_before, c.runs[1].base_heldout_after) = (0.10, 0.11)
+    no_base = converge.Cell("t", "hina_adamw", 1e-3)
+    no_base.runs = [_run(1e-3, [(0, 1.0), (4, 0.9)], 0.9)]  # a task without a base split: NaN
+    summary = converge.report([c, no_base], steps=4, seeds=2)
+    rows = summary["tasks"]["t"]["rows"]
+    assert rows["adamw"]["base_loss_change"] == pytest.approx(0.02)
+    assert rows["hina_adamw"]["base_loss_change"] is None
+    table = converge.markdown(summary)
+    assert "| base-concept loss change |" in table and "| +0.0200 |" in table and "| n/a |" in table
+
+
 def test_quick_converge_writes_tables_json_and_plot(tmp_path, capsys):
     out = tmp_path / "b"
     assert main(["bench", "converge", "--quick", "--no-progress", "--task", "adapter-lokr", "--optimizer", "adamw",

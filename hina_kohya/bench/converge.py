@@ -218,6 +218,7 @@ def report(cells: list[Cell], steps: int, seeds: int, labels: Optional[dict[str,
                 "steps_to_reference_final": reached,
                 "fraction_of_reference_steps": reached / ref_steps if reached is not None and ref_steps else None,
                 "diverged_runs": sum(r.diverged_at is not None for r in c.runs),
+                "base_loss_change": _base_change(c),
                 "lr_grid_validation": {str(o.lr): o.validation for o in cells if o.task == task and o.optimizer == name},
                 "optimizer_state_bytes": c.runs[0].state_bytes,
                 "optimizer_step_ms_median": statistics.median(r.median_ms("opt_step_s") for r in c.runs),
@@ -227,14 +228,21 @@ def report(cells: list[Cell], steps: int, seeds: int, labels: Optional[dict[str,
     return out
 
 
+def _base_change(c: Cell) -> Optional[float]:
+    """Mean over seeds of the base-concept held-out loss after training minus before: what the
+    training made the model forget (None where the task has no base split)."""
+    changes = [r.base_heldout_after - r.base_heldout_before for r in c.runs]
+    return statistics.mean(changes) if changes and all(map(math.isfinite, changes)) else None
+
+
 def markdown(summary: dict) -> str:
     ref = summary["reference"]
     lines = []
     for task, t in summary["tasks"].items():
         lines += [f"### {task} ({summary['steps']} steps, {summary['seeds']} seeds, best lr by validation loss)", "",
                   f"| optimizer | best lr | held-out loss (mean ± sd) | steps to {ref}'s final loss | fraction of "
-                  f"{ref}'s steps | diverged runs | state KiB | optimizer.step ms |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"{ref}'s steps | diverged runs | base-concept loss change | state KiB | optimizer.step ms |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in t["rows"].values():
             frac = r["fraction_of_reference_steps"]
             reached = r["steps_to_reference_final"]
@@ -242,9 +250,14 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {r['label']} | {r['best_lr']:g} | {r['heldout_mean']:.4f}{spread} | "
                          f"{reached if reached is not None else 'not reached'} | "
                          f"{f'{frac:.2f}' if frac is not None else 'not reached'} | {r['diverged_runs']} | "
+                         f"{_signed(r.get('base_loss_change'))} | "
                          f"{r['optimizer_state_bytes'] / 1024:.1f} | {r['optimizer_step_ms_median']:.2f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _signed(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:+.4f}"
 
 
 def plot(summary: dict, path: Path) -> bool:
