@@ -100,16 +100,43 @@ def test_ablation_switches_off_each_default_technique(tmp_path):
     from hina_kohya import optim
     from hina_kohya.bench import ablate
 
-    assert ablate.default_on(optim.HinaAdamW) == ["use_spd", "use_cautious", "use_adopt_stability", "use_grams",
-                                                  "use_agr", "use_tam", "use_alora", "dynamic_weight_decay"]
-    assert "came" in ablate.default_on(optim.Automagic_CameAMP)
+    # use_grams is left out: with Cautious on (the default) HinaAdamW runs no Grams, so
+    # use_grams=False would be a run identical to the defaults
+    assert ablate.default_on(optim.HinaAdamW) == ["use_spd", "use_cautious", "use_adopt_stability", "use_agr",
+                                                  "use_tam", "use_alora", "dynamic_weight_decay"]
+    assert ablate.unswitched(optim.HinaAdamW) == []
+    # the Automagic recipes apply most techniques without a switch: removed from the chain instead
+    assert ablate.default_on(optim.Automagic_CameAMP) == ["came"]  # enable_dual_momentum acts in Improved only
+    removed = ablate.unswitched(optim.Automagic_CameAMP)
+    assert {"orthograd", "tam", "grams", "lr_mask", "adaptive_wd"} <= set(removed) and "came" not in removed
     summary = ablate.main("Automagic_CameAMP", ["adapter-lora"], 1e-3, 1, 2, tmp_path, quick=True, progress=False)
     rows = summary["tasks"]["adapter-lora"]["rows"]
-    assert set(rows) == {"defaults"} | {f"no_{s}" for s in ablate.default_on(optim.Automagic_CameAMP)}
+    assert set(rows) == {"defaults", "no_came"} | {f"without_{n}" for n in removed}
     assert all(math.isfinite(r["heldout_mean"]) for r in rows.values())
-    # the switch reached the optimizer: with CAME off the state differs in size
+    # the switch reached the optimizer: with CAME off the state differs in size; so does the
+    # removal of the lr mask (2 bytes per element)
     assert rows["no_came"]["optimizer_state_bytes"] != rows["defaults"]["optimizer_state_bytes"]
+    assert rows["without_lr_mask"]["optimizer_state_bytes"] < rows["defaults"]["optimizer_state_bytes"]
     assert (tmp_path / "ablate-Automagic_CameAMP.md").exists()
+
+
+def test_a_transform_left_out_is_gone_from_every_chain_and_the_recipe_still_trains():
+    import torch
+
+    from hina_kohya import optim
+    from hina_kohya.bench import ablate
+    from helpers import TinyLoRANet, train
+
+    cls = ablate.without(optim.Automagic_CameAMP_COptim, ("c_optim", "tam"))
+    assert cls.__name__ == "Automagic_CameAMP_COptim" and issubclass(cls, optim.Automagic_CameAMP_COptim)
+    m = TinyLoRANet(0)
+    opt = cls(m.groups(lrs=(1e-3, 1e-3)), lr=1e-3)
+    names = [t.name for t in opt.chain_for(0).transforms]
+    assert "c_optim" not in names and "tam" not in names and "came" in names
+    start = [p.detach().clone() for p in m.parameters()]
+    losses = train(m, opt, 6)
+    assert all(map(math.isfinite, losses))
+    assert all(not torch.equal(a, p.detach()) for a, p in zip(start, m.parameters()))
 
 
 def test_the_text_task_judges_unseen_words():

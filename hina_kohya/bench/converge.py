@@ -27,7 +27,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -53,18 +53,19 @@ TASKS = {
 }
 
 
-def _hina(cls_name: str, **kw) -> Callable:
+def _hina(recipe: Union[str, type], **kw) -> Callable:
+    """A recipe (its name in ``hina_kohya.optim``, or a class) with keyword arguments ``kw``."""
     def make(groups, lr):
         from .. import optim
 
-        return getattr(optim, cls_name)(groups, lr=lr, **kw)
+        return (getattr(optim, recipe) if isinstance(recipe, str) else recipe)(groups, lr=lr, **kw)
     return make
 
 
-def _automagic(cls_name: str, **kw) -> Callable:
+def _automagic(recipe: Union[str, type], **kw) -> Callable:
     """An Automagic_CameAMP recipe with ``max_lr = 10 * lr`` (see the module docstring)."""
     def make(groups, lr):
-        return _hina(cls_name, max_lr=10 * lr, **kw)(groups, lr)
+        return _hina(recipe, max_lr=10 * lr, **kw)(groups, lr)
     return make
 
 
