@@ -706,9 +706,19 @@ def _changed_hparams(constructed: list[dict], saved_groups: list[dict]) -> list[
     out: dict[str, str] = {}
     for gi, (now, saved) in enumerate(zip(constructed, saved_groups)):
         for key, value in now.items():
-            if key != "lr" and key in saved and key not in out and saved[key] != value:
+            if key != "lr" and key in saved and key not in out and _differs(saved[key], value):
                 out[key] = f"{key}: checkpoint {saved[key]!r}, constructor {value!r}" + (f" (group {gi})" if gi else "")
     return list(out.values())
+
+
+def _differs(a: Any, b: Any) -> bool:
+    """Whether two hyperparameter values differ (a list and a tuple of the same numbers do not)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) != len(b) or any(_differs(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a != b)
+    except (RuntimeError, TypeError, ValueError):  # tensors of several elements: not a setting to compare
+        return False
 
 
 def _few(names: list[str], k: int = 3) -> str:
