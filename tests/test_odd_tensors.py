@@ -128,3 +128,34 @@ def test_gradients_whose_square_overflows_skip_steps_instead_of_poisoning_state(
         for key, value in st.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 assert torch.isfinite(value).all(), key
+
+
+@pytest.mark.parametrize("cls,precision", CASES, ids=IDS)
+def test_zero_gradients_move_nothing_and_poison_nothing(cls, precision):
+    # all-zero gradients (a LoRA down factor while its up factor is still zero, a frozen branch)
+    model = TinyLoRANet(0)
+    groups = model.groups(lrs=(1e-3, 1e-3), wds=(0.0, 0.0))
+    opt = _make(cls, groups, precision)
+    params = list(model.parameters())
+    start = [p.detach().clone() for p in params]
+    for step in range(8):
+        x, y = batch(step, model.dims)
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if step < 3:
+            for p in params:
+                p.grad.zero_()
+        elif step < 6:
+            params[0].grad.zero_()  # one tensor keeps a zero gradient while the others learn
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+        if step == 2:  # no gradient yet, no decay: nothing may have moved
+            assert all(torch.equal(p.detach(), s) for p, s in zip(params, start))
+    assert opt.log_dict().get("hina/nonfinite_skipped", 0.0) == 0.0
+    assert all(torch.isfinite(p).all() for p in params)
+    for st in opt.state.values():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                assert torch.isfinite(value).all(), key
+    assert not torch.equal(params[1].detach(), start[1])  # and the others learned
