@@ -159,3 +159,27 @@ def test_zero_gradients_move_nothing_and_poison_nothing(cls, precision):
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 assert torch.isfinite(value).all(), key
     assert not torch.equal(params[1].detach(), start[1])  # and the others learned
+
+
+@pytest.mark.parametrize("cls,precision", CASES, ids=IDS)
+def test_gradients_that_come_and_go_skip_the_tensor_decay_included(cls, precision):
+    # module dropout / DyLoRA: some tensors have no gradient on some steps (p.grad is None)
+    model = TinyLoRANet(0)
+    opt = _make(cls, model.groups(lrs=(1e-3, 1e-3), wds=(0.1, 0.1)), precision)
+    params = list(model.parameters())
+    for step in range(10):
+        x, y = batch(step, model.dims)
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        absent = [p for i, p in enumerate(params) if (i + step) % 3 == 0]
+        for p in absent:
+            p.grad = None
+        before = [p.detach().clone() for p in absent]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+        for p, b in zip(absent, before):  # untouched: no update and no weight decay
+            assert torch.equal(p.detach(), b), step
+    assert all(torch.isfinite(p).all() for p in params)
+    assert all(opt.state[p] for p in params)  # each got state once its gradient came
+    assert opt.log_dict().get("hina/nonfinite_skipped", 0.0) == 0.0
