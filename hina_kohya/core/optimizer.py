@@ -99,7 +99,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         self._chains: dict[int, Chain] = {}
         self._structure: Optional[roles_mod.Structure] = None
         self._named_shapes: list[list[tuple]] = []  # per group: its tensors' shapes when first seen
-        self._seen_lists: list[tuple[list, int]] = []  # per group: (params list, length) the structure saw
+        self._seen_lists: list[list] = []  # per group: the params list the structure saw (its length: _flat_index)
         self._flat_index: list[list[int]] = []
         self._flat_params: list[Tensor] = []
         self._derived: dict[str, Any] = {}  # transform caches derived from the structure
@@ -183,7 +183,7 @@ class HinaOptimizer(torch.optim.Optimizer):
             self.note_once("name-aware features (roles, LoRA pairs, LoRA+ and LoKr scaling, relationships) are off "
                            f"for {len(problems)} param group(s): " + "; ".join(problems))
         self._structure = st
-        self._seen_lists = [(g["params"], len(g["params"])) for g in self.param_groups]
+        self._seen_lists = [g["params"] for g in self.param_groups]
         self._derived = {}
         self._flat_params = [p for g in self.param_groups for p in g["params"]]
         self._flat_index = []
@@ -196,7 +196,8 @@ class HinaOptimizer(torch.optim.Optimizer):
     def _lists_changed(self) -> bool:
         groups = self.param_groups
         return len(groups) != len(self._seen_lists) or any(
-            g["params"] is not seen or len(seen) != n for g, (seen, n) in zip(groups, self._seen_lists))
+            g["params"] is not seen or len(seen) != len(idx)
+            for g, seen, idx in zip(groups, self._seen_lists, self._flat_index))
 
     def note_once(self, message: str) -> None:
         """Warn once per optimizer about a degraded mode (never per step)."""
