@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Optional
 
 import torch
 from torch import nn
@@ -127,16 +128,23 @@ def assert_resume_exact(make_opt, seed: int, steps: int, split: int) -> dict:
 
 #: the opt-in heuristics of the Automagic family (ALGORITHMS.md §2.26), on
 OPT_IN = dict(edge_suppression=True, background_regularization=True, spatial_awareness=True, frequency_penalty=0.05,
-              lora_rank_penalty=True, enable_dual_momentum=True)
+              lora_rank_penalty=True)
 
 
-def every_technique(cls: type, **kw) -> dict:
-    """Constructor keywords that switch on every technique ``cls`` has: each default-on switch
-    (``bench.ablate.SWITCHES``) and each opt-in heuristic it accepts; ``kw`` on top."""
+def accepted_by(cls: type, settings: dict) -> dict:
+    """The entries of ``settings`` that ``cls``'s constructor accepts (schedules such as
+    ``warmup_steps`` or ``max_lr`` exist in some recipes only)."""
     from hina_kohya.args import signature_defaults
-    from hina_kohya.bench.ablate import SWITCHES
 
     accepted = signature_defaults(cls)
-    on = {name: True for name in SWITCHES if name in accepted}
-    on.update({name: value for name, value in OPT_IN.items() if name in accepted})
+    return {k: v for k, v in settings.items() if k in accepted}
+
+
+def every_technique(cls: type, if_accepted: Optional[dict] = None, **kw) -> dict:
+    """Constructor keywords that switch on every technique ``cls`` has: each technique switch
+    (``bench.ablate.SWITCHES``) and each opt-in heuristic it accepts; then the entries of
+    ``if_accepted`` that it accepts, and ``kw``."""
+    from hina_kohya.bench.ablate import SWITCHES
+
+    on = accepted_by(cls, {**{name: True for name in SWITCHES}, **OPT_IN, **(if_accepted or {})})
     return {**on, **kw}

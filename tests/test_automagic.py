@@ -13,14 +13,13 @@ from hina_kohya import (Automagic_CameAMP, Automagic_CameAMP8bit, Automagic_Came
 from hina_kohya.transforms.came import factored_ema
 from hina_kohya.transforms.phase import phase_index
 from hina_kohya.transforms.spatial import EdgeSuppression, FrequencyPenalty, LowRankPenalty
-from helpers import TinyLoRANet, assert_resume_exact, batch, params_of, train
+from helpers import OPT_IN, TinyLoRANet, assert_resume_exact, batch, params_of, train
 from reference import automagic_reference as ref
 from standins import lycoris_network
 
 FAMILY = [Automagic_CameAMP, Automagic_CameAMP8bit, Automagic_CameAMP_COptim, Automagic_CameAMP_COptim8bit,
           Automagic_CameAMP_Improved]
-ALL_ON = dict(edge_suppression=True, background_regularization=True, spatial_awareness=True,
-              frequency_penalty=0.05, lora_rank_penalty=True)
+ALL_ON = OPT_IN  # every opt-in heuristic
 
 
 # -- float64 references -------------------------------------------------------------------------

@@ -32,12 +32,7 @@ SHORT = dict(warmup_steps=6, wd_transition_steps=5, relationship_discovery_inter
 
 
 def _optimizer(cls, model, precision):
-    from hina_kohya.args import signature_defaults
-
-    accepted = signature_defaults(cls)
-    kw = every_technique(cls, **{k: v for k, v in SHORT.items() if k in accepted})
-    if "max_lr" in accepted:
-        kw["max_lr"] = 2e-2
+    kw = every_technique(cls, if_accepted={**SHORT, "max_lr": 2e-2})
     return cls(model.groups(lrs=(5e-3, 2e-3)), state_precision=precision, min_8bit_size=1, **kw)
 
 

@@ -34,10 +34,8 @@ MIN_LR, MAX_LR = 1e-5, 5e-3
 
 
 def _optimizer(cls, model, precision):
-    accepted = signature_defaults(cls)
-    kw = every_technique(cls, **{k: v for k, v in SHORT.items() if k in accepted})
-    if "max_lr" in accepted:
-        kw.update(min_lr=MIN_LR, max_lr=MAX_LR, lr_bump=1e-4)  # a large bump: the mask reaches its bounds
+    # a large lr bump: the lr masks reach their bounds
+    kw = every_technique(cls, if_accepted={**SHORT, "min_lr": MIN_LR, "max_lr": MAX_LR, "lr_bump": 1e-4})
     return cls(model.groups(lrs=(2e-3, 1e-3)), state_precision=precision, min_8bit_size=1, **kw)
 
 

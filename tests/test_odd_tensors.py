@@ -11,7 +11,6 @@ import torch
 
 from hina_kohya import (AdaptiveHinaAdamW, Automagic_CameAMP, Automagic_CameAMP_COptim, Automagic_CameAMP_Improved,
                         HinaAdamW)
-from hina_kohya.args import signature_defaults
 from helpers import TinyLoRANet, batch, every_technique
 
 RECIPES = [HinaAdamW, AdaptiveHinaAdamW, Automagic_CameAMP, Automagic_CameAMP_COptim, Automagic_CameAMP_Improved]
@@ -22,11 +21,10 @@ NAMES = ["lora_unet_empty.lora_down.weight", "lora_unet_conv.lora_down.weight", 
 
 
 def _make(cls, params, precision, **kw):
-    accepted = signature_defaults(cls)
-    extra = {"warmup_steps": 4} if "warmup_steps" in accepted else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the gradient-norm signal note
-        return cls(params, lr=1e-3, state_precision=precision, min_8bit_size=1, **every_technique(cls, **extra), **kw)
+        return cls(params, lr=1e-3, state_precision=precision, min_8bit_size=1,
+                   **every_technique(cls, if_accepted={"warmup_steps": 4}), **kw)
 
 
 def _odd_params(odd: bool, dtype=torch.float32) -> list[torch.nn.Parameter]:

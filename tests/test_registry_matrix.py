@@ -14,7 +14,7 @@ import torch
 from hina_kohya import (AdaptiveHinaAdamW, Automagic_CameAMP, Automagic_CameAMP_COptim, Automagic_CameAMP_Improved,
                         HinaAdamW, registry)
 from hina_kohya.args import signature_defaults
-from helpers import TinyLoRANet, params_of, roundtrip, train
+from helpers import TinyLoRANet, accepted_by, params_of, roundtrip, train
 
 RECIPES = [HinaAdamW, AdaptiveHinaAdamW, Automagic_CameAMP, Automagic_CameAMP_COptim, Automagic_CameAMP_Improved]
 PRECISIONS = ["fp32", "bf16", "8bit"]
@@ -27,8 +27,7 @@ SHORT = dict(warmup_steps=4, wd_transition_steps=3, relationship_discovery_inter
 
 
 def _make(cls, precision, groups):
-    accepted = signature_defaults(cls)
-    kw = {k: v for k, v in SHORT.items() if k in accepted}
+    kw = accepted_by(cls, SHORT)
     return cls(groups, state_precision=precision, min_8bit_size=1, **kw)
 
 
