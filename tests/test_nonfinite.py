@@ -1,11 +1,12 @@
 """A NaN/inf gradient skips that tensor's step: value and state untouched, counted in log_dict."""
 
 import copy
+import warnings
 
 import pytest
 import torch
 
-from hina_kohya import AdaptiveHinaAdamW, HinaAdamW
+from hina_kohya import AdaptiveHinaAdamW, Automagic_CameAMP, HinaAdamW
 from helpers import TinyLoRANet, train
 
 PATHS = {"foreach": dict(fused=False, foreach=True), "single": dict(fused=False, foreach=False),
@@ -88,4 +89,25 @@ def test_skip_nonfinite_can_be_switched_off(path):
     victim.grad[0, 0] = float("nan")
     opt.step()
     assert not torch.isfinite(victim).all()  # the user asked for no protection
+    assert opt.log_dict()["hina/nonfinite_skipped"] == 0.0
+
+
+def test_skip_nonfinite_off_keeps_the_fused_kernels_for_came_recipes():
+    """The graph without the skip tripped an inductor CPU bug for the CAME recipes (torch 2.13;
+    seen on single-tensor calls): ``skip_nonfinite=False`` fell back, with a warning, to the
+    eager path (10x slower on sd15)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 8)) for _ in range(3)]  # a call of 2, a call of 1
+    opt = Automagic_CameAMP(params, lr=1e-3, skip_nonfinite=False, fused=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*fused kernels are unavailable.*")
+        for step in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            if step == 2:
+                params[0].grad[0, 0] = float("nan")
+            opt.step()
+    assert opt.fused
+    assert not torch.isfinite(params[0]).all()  # applied, not skipped
+    assert torch.isfinite(params[1]).all()
     assert opt.log_dict()["hina/nonfinite_skipped"] == 0.0

@@ -273,7 +273,7 @@ def static_keys(transforms: list[Transform], step: int, hp: dict) -> tuple:
 
 
 def tensor_step(transforms: list[Transform], x: Slot, skip_nonfinite: bool = True,
-                static: Optional[tuple] = None) -> Tensor:
+                static: Optional[tuple] = None, never_skip: Optional[Tensor] = None) -> Tensor:
     """One tensor's whole step: the chain's math, then the write-back formula of the engine,
     ``new = p * (1 - lr * rate * wd * decay) - lr * rate * upd_scale * mask_scale * mask * u``,
     then post-update projections. Returns the new parameter value (compute dtype).
@@ -282,7 +282,9 @@ def tensor_step(transforms: list[Transform], x: Slot, skip_nonfinite: bool = Tru
     the parameter value returned unchanged (``x.scratch["skipped"]`` is 1). In the fused kernel the
     snapshot and the selection fuse into the loops that run anyway.
 
-    ``static``: the transforms' ``static_keys`` for this tensor's step, or None when unknown."""
+    ``static``: the transforms' ``static_keys`` for this tensor's step, or None when unknown.
+    ``never_skip``: a 0-d bool that, when true, applies the step even if it is not finite (the
+    fused kernels' form of ``skip_nonfinite=False``, see ``fused._compile``)."""
     if skip_nonfinite:
         finite = torch.isfinite(x.g).all()
         saved = {k: v.clone() for k, v in x.st.items() if v is not None}
@@ -306,6 +308,8 @@ def tensor_step(transforms: list[Transform], x: Slot, skip_nonfinite: bool = Tru
     finite = finite & torch.isfinite(new).all()
     for k in saved:  # a finite step can still overflow a state (g**2 past fp32's range)
         finite = finite & torch.isfinite(x.st[k]).all()
+    if never_skip is not None:
+        finite = finite | never_skip
     for k, old in saved.items():
         x.st[k].copy_(torch.where(finite, x.st[k], old))
     x.scratch["skipped"] = (~finite).to(x.p.dtype)

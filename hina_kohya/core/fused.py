@@ -141,7 +141,11 @@ def _compile(transforms: list, layout: Layout, keys: tuple[str, ...], serial: in
                      fixed["mask_scale"])
             if extras is not None:
                 x.extra = dict(zip(extra_keys, extras[j]))
-            ps[j].copy_(tensor_step(transforms, x, skip_nonfinite, static))
+            # skip_nonfinite=False compiles the skipping step with a flag that is always true: the
+            # graph without the skip trips an inductor CPU bug (torch 2.13, KeyError in outer-loop
+            # fusion with a local buffer) for the CAME recipes; the flag cannot be folded away
+            never = None if skip_nonfinite else fixed["t"] > 0  # the step counter starts at 1
+            ps[j].copy_(tensor_step(transforms, x, True, static, never))
             kept.append(x.scratch.get("cautious_kept", torch.zeros((), dtype=ps[j].dtype, device=ps[j].device)))
             skipped.append(x.scratch["skipped"])
         return torch.stack(kept), torch.stack(skipped)
