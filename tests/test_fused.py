@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from hina_kohya import AdaptiveHinaAdamW, HinaAdamW
+from hina_kohya import AdaptiveHinaAdamW, Automagic_CameAMP_COptim, HinaAdamW
 from hina_kohya.bench.syncs import count_host_syncs
 from hina_kohya.core import fused as fused_mod
-from helpers import TinyLoRANet, params_of, train
+from helpers import TinyLoRANet, batch, params_of, train
 
 ALL_ON = dict(use_orthogonal_grad=True, use_grams=True)  # with the defaults: every technique
 
@@ -33,6 +33,25 @@ def test_fused_equals_eager(cls, kw, precision):
     p = a.layers[1].lora_up.weight
     q = b.layers[1].lora_up.weight
     torch.testing.assert_close(ob.state[q]["exp_avg"].float(), oa.state[p]["exp_avg"].float(), rtol=1e-3, atol=1e-6)
+
+
+def test_fused_equals_eager_for_c_optims_data_dependent_rate():
+    """C-Optim's multiplier is a device tensor: the fused path folds it into the rate column of
+    the kernels' numbers; it must move the parameters exactly as the eager path's rate does."""
+    a, oa, b, ob = _pair(Automagic_CameAMP_COptim, "fp32", warmup_steps=6)
+    for model, opt in ((a, oa), (b, ob)):
+        for s in range(12):
+            x, y = batch(s, model.dims, model.dtype)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.set_loss(loss.detach() * (1 + s % 3))  # an unsteady loss moves the multiplier
+            opt.step()
+    assert ob.fused and not oa.fused
+    assert float(ob.context.multiplier) != 1.0  # the rate really was data-dependent
+    torch.testing.assert_close(ob.context.multiplier, oa.context.multiplier)
+    for x, y in zip(params_of(a), params_of(b)):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
 
 
 def test_fused_step_makes_no_host_syncs_and_logs():

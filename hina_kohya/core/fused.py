@@ -118,8 +118,8 @@ def make_kernel(chain: Chain, layout: Layout, keys: tuple[str, ...], k: int = 1,
                 static: Optional[tuple] = None, device_type: str = "cpu") -> Callable:
     """A compiled step for ``k`` tensors at once. Inputs, one entry per tensor: the parameter's
     ``kernel_view`` (written in place), the gradient's, the states in ``keys`` order, a row of
-    numbers (``layout``) in one ``[k, n]`` tensor, 0-d data-dependent rate factors (or None), and
-    the 0-d per-tensor values of ``Bucket.extras`` in ``extra_keys`` order (or None). ``static``:
+    numbers (``layout``; the rate column already holds any data-dependent rate factor) in one
+    ``[k, n]`` tensor, and the 0-d per-tensor values of ``Bucket.extras`` in ``extra_keys`` order (or None). ``static``:
     the transforms' ``static_keys`` shared by the chunk's tensors (the kernel is specialised).
     ``device_type`` picks the ``INDUCTOR_OPTIONS``."""
     sig = (_signature(chain, layout, keys), k, skip_nonfinite, extra_keys, static, device_type)
@@ -131,13 +131,12 @@ def make_kernel(chain: Chain, layout: Layout, keys: tuple[str, ...], k: int = 1,
 
 def _compile(transforms: list, layout: Layout, keys: tuple[str, ...], serial: int, skip_nonfinite: bool,
              extra_keys: tuple[str, ...] = (), static: Optional[tuple] = None, device_type: str = "cpu") -> Callable:
-    def kernel(ps: list, gs: list, states: list, vecs: Tensor, rates: Optional[list],
+    def kernel(ps: list, gs: list, states: list, vecs: Tensor,
                extras: Optional[list] = None) -> tuple[Tensor, Tensor]:
         kept, skipped = [], []
         for j in range(len(ps)):  # unrolled by dynamo: one graph for the whole chunk
             fixed, hp = layout.unpack(vecs[j])
-            rate = fixed["rate"] if rates is None else fixed["rate"] * rates[j]
-            x = Slot(ps[j], gs[j], dict(zip(keys, states[j])), fixed["t"], hp, None, rate, fixed["decay"],
+            x = Slot(ps[j], gs[j], dict(zip(keys, states[j])), fixed["t"], hp, None, fixed["rate"], fixed["decay"],
                      fixed["mask_scale"])
             if extras is not None:
                 x.extra = dict(zip(extra_keys, extras[j]))

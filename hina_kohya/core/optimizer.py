@@ -416,19 +416,27 @@ class HinaOptimizer(torch.optim.Optimizer):
         statics = [static_keys(transforms, s, b.hp) for s in b.steps]
         plan, eager = self._chunk_plan(b, states, targets, keys, statics)
         extra_keys = tuple(b.extras)
+        # every call's rows of numbers come from one tensor, in plan order; data-dependent rates
+        # (C-Optim's multiplier, importance) multiply its rate column on the device -- one op per
+        # bucket rather than one more kernel input (guarded and passed) per tensor
+        order = [i for idx, _, _ in plan for i in idx]
+        if order:
+            numbers = torch.tensor([[*self._tensor_numbers(b, i), *hp_values] for i in order],
+                                   dtype=b.compute_dtype, device=targets[order[0]].device)
+            if b.lr_scale_t is not None:
+                numbers[:, fused_mod.Layout.FIXED.index("rate")] *= torch.stack(
+                    [b.lr_scale_t[i].detach().reshape(()) for i in order]).to(numbers)
         done = 0
         for idx, flat_params, flat_states in plan:
             k, static, device = len(idx), statics[idx[0]], targets[idx[0]].device.type
             if (k, extra_keys, static, device) not in kernels:
                 kernels[(k, extra_keys, static, device)] = fused_mod.make_kernel(
                     kernels["chain"], layout, keys, k, self.skip_nonfinite, extra_keys, static, device)
-            rows = [[*self._tensor_numbers(b, i), *hp_values] for i in idx]
-            rates = [b.lr_scale_t[i].detach() for i in idx] if b.lr_scale_t is not None else None
             extras = [tuple(b.extras[e][i].detach() for e in extra_keys) for i in idx] if extra_keys else None
             try:
                 out, skipped = kernels[(k, extra_keys, static, device)](
                     flat_params, [fused_mod.kernel_view(b.grads[i].contiguous(), targets[i]) for i in idx], flat_states,
-                    torch.tensor(rows, dtype=b.compute_dtype, device=targets[idx[0]].device), rates, extras)
+                    numbers[done:done + k].clone(), extras)  # a fresh tensor: no storage offset to guard on
             except Exception as exc:
                 exc.hina_tensors_done = done  # type: ignore[attr-defined]
                 raise
