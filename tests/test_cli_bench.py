@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from hina_kohya.bench import paramsets, step
 from hina_kohya.cli import main
@@ -76,3 +77,15 @@ def test_bench_step_compares_the_external_baselines(name):
         assert 0 < res.state_bytes_per_element < 8.0
     else:  # Prodigy keeps more than AdamW (p0, s, m, v)
         assert res.state_bytes_per_element > 8.0
+
+
+def test_bench_step_coptim_with_the_loss_uses_it_without_host_syncs():
+    params, names = paramsets.build("tiny")
+    opt = step.CANDIDATES["automagic_cameamp_coptim_loss"][1](params, names)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.log_dict()["hina/coptim/signal_is_loss"] == 1.0  # not the gradient-norm fallback
+    res = step.run_one("automagic_cameamp_coptim_loss", "tiny", rounds=2, warmup=1)
+    assert not res.error, res.error
+    assert res.host_syncs_per_step == 0

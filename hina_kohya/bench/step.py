@@ -40,6 +40,21 @@ def _recipe(cls_name: str, precision: str, **kw) -> Callable:
     return make
 
 
+def _coptim_with_loss(params, names):
+    """C-Optim as sd-scripts drives it: the integration's hook hands each step's loss to
+    ``set_loss`` (a tensor, no host sync), so the gradient-norm fallback signal is not computed."""
+    opt = _recipe("Automagic_CameAMP_COptim", "fp32")(params, names)
+    loss = torch.ones((), device=params[0].device)
+    plain_step = opt.step
+
+    def step(closure=None):
+        opt.set_loss(loss)
+        return plain_step(closure)
+
+    opt.step = step
+    return opt
+
+
 def _adamw(**kw) -> Callable:
     return lambda params, names: torch.optim.AdamW(params, lr=1e-4, **kw)
 
@@ -79,6 +94,8 @@ CANDIDATES: dict[str, tuple[str, Callable]] = {
     "automagic_cameamp_8bit": ("Automagic_CameAMP8bit, defaults", _recipe("Automagic_CameAMP", "8bit")),
     "automagic_cameamp_coptim": ("Automagic_CameAMP_COptim, defaults, fp32 state",
                                  _recipe("Automagic_CameAMP_COptim", "fp32")),
+    "automagic_cameamp_coptim_loss": ("Automagic_CameAMP_COptim, defaults, fp32 state, loss given (sd-scripts hook)",
+                                      _coptim_with_loss),
     "automagic_cameamp_improved": ("Automagic_CameAMP_Improved, defaults, fp32 state",
                                    _recipe("Automagic_CameAMP_Improved", "fp32")),
     # the recipes' steady state: the warm-up-only techniques (orthogonal gradient, TAM, pure Grams,
