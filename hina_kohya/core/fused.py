@@ -119,9 +119,9 @@ def make_kernel(chain: Chain, layout: Layout, keys: tuple[str, ...], k: int = 1,
     """A compiled step for ``k`` tensors at once. Inputs, one entry per tensor: the parameter's
     ``kernel_view`` (written in place), the gradient's, the states in ``keys`` order, a row of
     numbers (``layout``; the rate column already holds any data-dependent rate factor) in one
-    ``[k, n]`` tensor, and the 0-d per-tensor values of ``Bucket.extras`` in ``extra_keys`` order (or None). ``static``:
-    the transforms' ``static_keys`` shared by the chunk's tensors (the kernel is specialised).
-    ``device_type`` picks the ``INDUCTOR_OPTIONS``."""
+    ``[k, n]`` tensor, and the 0-d per-tensor values of ``Bucket.extras`` in ``extra_keys`` order
+    (or None). ``static``: the transforms' ``static_keys`` shared by the chunk's tensors (the
+    kernel is specialised). ``device_type`` picks the ``INDUCTOR_OPTIONS``."""
     sig = (_signature(chain, layout, keys), k, skip_nonfinite, extra_keys, static, device_type)
     if sig not in _KERNELS:
         _KERNELS[sig] = _compile(list(chain.transforms), layout, keys, len(_KERNELS), skip_nonfinite, extra_keys,
