@@ -20,12 +20,21 @@ from ..core.chain import Bucket, Slot, Transform
 _TINY = 1e-30
 
 
+def l1_norms(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sum of |x| per tensor (0-d each). ``_foreach_norm(xs, 1)`` is one fused kernel on CUDA but, on
+    the CPU, a loop over the generic norm, ~3x slower than ``abs().sum()`` (sd15 set, 484 gradients:
+    14 vs 5 ms, while ``_foreach_norm(xs, 2)`` takes 3 ms)."""
+    if xs and xs[0].device.type == "cpu":
+        return [x.abs().sum() for x in xs]
+    return list(torch._foreach_norm(xs, 1))
+
+
 class AGR(Transform):
     name = "agr"
 
     def foreach(self, b: Bucket) -> None:
         g = b.grads
-        total = torch._foreach_norm(g, 1)  # sum |g| per tensor
+        total = l1_norms(g)
         torch._foreach_clamp_min_(total, _TINY)
         alpha = torch._foreach_abs(g)
         torch._foreach_div_(alpha, total)
