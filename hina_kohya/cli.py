@@ -78,6 +78,7 @@ def _cmd_bench_converge(args: argparse.Namespace) -> int:
     from .bench import converge
 
     def run(seeds: int, steps: int):
+        lrs = converge.check_lrs(args.lr)
         names = args.optimizer or list(converge.CANDIDATES)
         unknown = [n for n in names if n not in converge.CANDIDATES]
         if unknown:
@@ -87,7 +88,7 @@ def _cmd_bench_converge(args: argparse.Namespace) -> int:
             raise _Refused(f"the baselines need {' '.join(missing)}: pip install {' '.join(missing)} "
                            "(or leave them out with --optimizer)")
         return converge.main(args.task or list(converge.TASKS), names, seeds, steps, Path(args.output),
-                             args.quick, args.device, not args.no_progress)
+                             args.quick, args.device, not args.no_progress, lrs=lrs)
     return _training_bench(args, "converge", converge.outputs("converge"), run)
 
 
@@ -283,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     bstep.set_defaults(func=_cmd_bench_step)
     bcv = bsub.add_parser("converge", help="held-out loss and steps to AdamW's final loss, best lr per optimizer")
     bcv.add_argument("--optimizer", action="append", help="candidate (repeatable; default all)")
+    bcv.add_argument("--lr", type=float, action="append",
+                     help="learning rate of the sweep (repeatable; replaces the tasks' grids, "
+                          "not Prodigy's multipliers; default: each task's grid)")
     _training_bench_options(bcv, "seeds per learning rate")
     bcv.set_defaults(func=_cmd_bench_converge)
     bab = bsub.add_parser("ablate", help="each default-on technique of a recipe switched off in turn, same task")

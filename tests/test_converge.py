@@ -77,12 +77,24 @@ def test_quick_converge_writes_tables_json_and_plot(tmp_path, capsys):
     assert (out / "converge.md").stat().st_size > 0 and (out / "converge.png").stat().st_size > 0
 
 
+def test_the_lr_option_replaces_the_task_grid_but_not_prodigys(tmp_path):
+    entries = [(n, converge.CANDIDATES[n][1], converge.CANDIDATES[n][2]) for n in ("adamw", "prodigy")]
+    cells = converge.run(["adapter-lokr"], entries, seeds=1, steps=1, quick=True, progress=False,
+                         lrs=converge.check_lrs([3e-2, 1e-2, 3e-2]))
+    grid = {(c.optimizer, c.lr) for c in cells}
+    assert grid == {("adamw", 1e-2), ("adamw", 3e-2)} | {("prodigy", m) for m in converge.CANDIDATES["prodigy"][2]}
+    assert all(len(c.runs) == 1 and math.isfinite(c.runs[0].final) for c in cells)
+    assert converge.check_lrs(None) is None and converge.check_lrs([]) is None
+
+
 def test_converge_bad_options(tmp_path, capsys, monkeypatch):
     assert main(["bench", "converge", "--optimizer", "adamx", "--output", str(tmp_path)]) == 2
     assert "unknown optimizer adamx" in capsys.readouterr().err
     for argv, message in ((["--seeds", "0"], "--seeds 0: must be at least 1"),
                           (["--steps", "-2"], "--steps -2: must be at least 1"),
-                          (["--device", "tpu9"], "--device 'tpu9' is not a torch device")):
+                          (["--device", "tpu9"], "--device 'tpu9' is not a torch device"),
+                          (["--lr", "1e-3", "--lr", "0"], "--lr 0.0: every learning rate must be a positive"),
+                          (["--lr", "nan"], "--lr nan: every learning rate must be a positive")):
         assert main(["bench", "converge", "--quick", "--optimizer", "adamw", "--output", str(tmp_path), *argv]) == 2
         assert message in capsys.readouterr().err
     (tmp_path / "converge.json").write_text("{}")  # a previous result is never overwritten silently

@@ -14,8 +14,8 @@ Tasks (``TASKS``):
   PyPI package) classifying words it never trained on (``text_task``);
 * ``full-finetune``: every weight of the toy denoiser fine-tuned on the new concept.
 
-Learning-rate grids: the task's (``Task.lrs``) unless the optimizer has its own (Prodigy's is a
-multiplier of its own estimate). The Automagic_CameAMP recipes are given ``max_lr = 10 * lr``
+Learning-rate grids: the task's (``Task.lrs``), or the one given with ``--lr``, unless the optimizer
+has its own (Prodigy's is a multiplier of its own estimate, and ``--lr`` leaves it alone). The Automagic_CameAMP recipes are given ``max_lr = 10 * lr``
 (the ratio of their presets, lr 1e-4 / max_lr 1e-3): their per-element rates live in
 ``[min_lr, max_lr]``, so with the default max_lr every grid point above 1e-3 would train alike.
 """
@@ -164,12 +164,13 @@ def _runner(task: Task, quick: bool, cache: dict) -> Callable[..., RunResult]:
 
 
 def run(tasks: list[str], entries: list[tuple[str, Callable, Optional[tuple]]], seeds: int, steps: int,
-        quick: bool = False, device: str = "cpu", progress: bool = True) -> list[Cell]:
+        quick: bool = False, device: str = "cpu", progress: bool = True,
+        lrs: Optional[tuple] = None) -> list[Cell]:
     """Every (task, entry, lr, seed) run. ``entries``: (key, factory(groups, lr), learning rates
-    or None for the task's grid)."""
+    or None for the task's grid); ``lrs`` replaces the tasks' grids (not an entry's own)."""
     dev = torch.device(device)
     cache: dict = {}
-    grid = {(t, key): lrs or TASKS[t].lrs for t in tasks for key, _, lrs in entries}
+    grid = {(t, key): own or lrs or TASKS[t].lrs for t in tasks for key, _, own in entries}
     cells: list[Cell] = []
     bar = denoiser.progress_bar(sum(len(g) for g in grid.values()) * seeds, "bench", progress)
     for task in tasks:
@@ -309,10 +310,21 @@ def write(summary: dict, output: Path, stem: str) -> None:
     plot(summary, output / f"{stem}.png")
 
 
+def check_lrs(lrs: Optional[list[float]]) -> Optional[tuple]:
+    """The ``--lr`` grid, sorted and without repeats, or None for the tasks' own; ValueError names a
+    value that is not a positive finite number."""
+    if not lrs:
+        return None
+    bad = [lr for lr in lrs if not (math.isfinite(lr) and lr > 0)]
+    if bad:
+        raise ValueError(f"--lr {bad[0]}: every learning rate must be a positive finite number, e.g. --lr 3e-3")
+    return tuple(sorted(set(lrs)))
+
+
 def main(tasks: list[str], names: list[str], seeds: int, steps: int, output: Path, quick: bool,
-         device: str = "cpu", progress: bool = True) -> dict:
+         device: str = "cpu", progress: bool = True, lrs: Optional[list[float]] = None) -> dict:
     entries = [(name, CANDIDATES[name][1], CANDIDATES[name][2]) for name in names]
-    cells = run(tasks, entries, seeds, steps, quick, device=device, progress=progress)
+    cells = run(tasks, entries, seeds, steps, quick, device=device, progress=progress, lrs=check_lrs(lrs))
     summary = report(cells, steps, seeds)
     write(summary, output, "converge")
     return summary
