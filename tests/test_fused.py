@@ -188,3 +188,61 @@ def test_chunks_never_mix_shape_classes():
     assert all(len({classes[i] for i in c}) == 1 for c in out)
     # equal classes still share calls: the four 5120-element LoRA factors, the two 5000-long rows
     assert sorted(sorted(c) for c in out if len(c) == 2) == [[0, 1], [2, 3], [7, 8]]
+
+
+def test_8bit_states_are_decoded_one_kernel_call_at_a_time(monkeypatch):
+    """Decoding every 8-bit state of a bucket before the kernels would hold the whole state in
+    fp32 during the step (a higher peak than fp32 state). The fused path decodes each call's
+    states into reused buffers right before the call and encodes them right after; its results
+    are the eager path's, and the call plan is kept between steps as for fp32 state."""
+    from hina_kohya import Automagic_CameAMP
+    from hina_kohya.core.quant import Quantizer
+
+    a, oa, b, ob = _pair(Automagic_CameAMP, "8bit", warmup_steps=4, max_lr=5e-2)
+    train(a, oa, 3)
+    train(b, ob, 3)
+    events = []
+    for name in ("decode", "decode_into", "encode_into"):
+        original = getattr(Quantizer, name)
+
+        def spy(self, *args, _name=name, _original=original, **kw):
+            codes = args[2] if _name == "encode_into" else args[0]  # (x, signed, codes, absmax) / (codes, ...)
+            events.append((_name, codes.data_ptr()))
+            return _original(self, *args, **kw)
+        monkeypatch.setattr(Quantizer, name, spy)
+
+    def spied(kernel):
+        def call(*args):
+            events.append(("kernel", None))
+            return kernel(*args)
+        return call
+    for kernels, _, _ in ob._kernels.values():  # the compiled calls, made in the steps above
+        for key in [k for k in kernels if isinstance(k, tuple)]:
+            kernels[key] = spied(kernels[key])
+    plan = dict(ob._plans)
+    train(b, ob, 2, start=3)
+    assert plan and all(ob._plans[k] is v for k, v in plan.items())  # kept between steps
+    # decode_into may decode through decode (one tensor); any other decode is a whole-state one
+    events = [e for k, e in enumerate(events) if not (e[0] == "decode" and k and events[k - 1] == ("decode_into", e[1]))]
+    assert [e for e, _ in events if e == "decode"] == []
+    quantized = {id(st["exp_avg"]) for st in ob.state.values() if "exp_avg.absmax" in st}
+    assert quantized, "the test needs 8-bit states"
+    # per step and call: the call's decodes, the kernel, the same states' encodes
+    kinds = [e for e, _ in events]
+    assert kinds.count("kernel") > 0 and kinds.count("decode_into") == kinds.count("encode_into")
+    i = 0
+    while i < len(events):
+        decoded = []
+        while events[i][0] == "decode_into":
+            decoded.append(events[i][1])
+            i += 1
+        assert events[i][0] == "kernel"
+        i += 1
+        encoded = []
+        while i < len(events) and events[i][0] == "encode_into":
+            encoded.append(events[i][1])
+            i += 1
+        assert encoded == decoded
+    train(a, oa, 2, start=3)
+    for x, y in zip(params_of(a), params_of(b)):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)

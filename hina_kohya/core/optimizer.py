@@ -36,7 +36,7 @@ from ..args import check_hparams
 from . import fused as fused_mod
 from .chain import Bucket, Chain, Slot, StateSpec, static_keys, tensor_step
 from .precision import ROUNDINGS, check_param_dtype, kahan_write
-from .quant import StateStore, _seed
+from .quant import Encoded, StateStore, _seed, stored_tensor
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +263,10 @@ class HinaOptimizer(torch.optim.Optimizer):
         steps = [st["step"] + 1 for st in states]
         grads = [p.grad if p.grad.dtype == cdtype else p.grad.to(cdtype) for p in params]
         fused = self.fused
-        # the fused kernels read and write fp16 states as stored (the cast happens in the kernel)
-        views = {s.key: [self.store.read(st, s, cdtype, keep_fp16=fused) if s.key in st else None
+        # the fused kernels read and write fp16 states as stored (the cast happens in the kernel),
+        # and decode 8-bit states one kernel call at a time (``Encoded``; no transform's prepare
+        # reads a quantizable state)
+        views = {s.key: [self.store.read(st, s, cdtype, keep_fp16=fused, lazy=fused) if s.key in st else None
                          for st in states] for s in specs}
         b = Bucket(group, params, grads, views, steps, roles, indices, cdtype, opt=self)
         for t in chain.transforms:
@@ -273,13 +275,15 @@ class HinaOptimizer(torch.optim.Optimizer):
             pass
         elif (self.foreach or fused) and all(t.has_foreach for t in chain.transforms):
             if fused:  # compilation failed before anything was updated: redo the views for eager
-                self._reread_fp16(b, states, specs, cdtype)
+                self._reread_for_eager(b, cdtype, range(len(b)))
             if self.skip_nonfinite:
                 self._snapshot(b, states)
             for t in chain.transforms:
                 t.foreach(b)
             self._write_back(b, states, chain)
         else:
+            if fused:
+                self._reread_for_eager(b, cdtype, range(len(b)))
             self._run_per_tensor(b, states, chain.transforms, None)
         self._record(b, record)
         for s in specs:
@@ -374,6 +378,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         eager = list(range(len(b)))
         if fused is not None:
             eager = self._run_chunks(b, states, targets, fused, kept)
+            self._reread_for_eager(b, b.compute_dtype, eager)
         if eager:
             hp = fused_mod.hp_tensors(b.hp, device, b.compute_dtype)
         for i in eager:
@@ -398,12 +403,17 @@ class HinaOptimizer(torch.optim.Optimizer):
         decay = b.decay_scale[i] if b.decay_scale is not None else 1.0
         return float(b.steps[i]), float(b.lr_scale[i]), float(decay), float(b.lr_mask_scale)
 
-    def _reread_fp16(self, b: Bucket, states: list[dict], specs: list[StateSpec], cdtype: torch.dtype) -> None:
-        for s in specs:
-            views = b.state[s.key]
-            for j, st in enumerate(states):
-                if views[j] is not None and views[j].dtype == torch.float16 and cdtype != torch.float16:
-                    views[j] = self.store.read(st, s, cdtype)
+    @staticmethod
+    def _reread_for_eager(b: Bucket, cdtype: torch.dtype, indices: Iterable[int]) -> None:
+        """The views of tensors ``indices`` as the eager paths need them: fp16 states cast to the
+        compute dtype, 8-bit states decoded (``_run_bucket`` encodes them back at the end)."""
+        for key, views in b.state.items():
+            for j in indices:
+                v = views[j]
+                if isinstance(v, Encoded):
+                    views[j] = v.decode()
+                elif v is not None and v.dtype == torch.float16 and cdtype != torch.float16:
+                    views[j] = v.to(cdtype)
 
     def _run_chunks(self, b: Bucket, states: list[dict], targets: list[Tensor], fused: tuple,
                     kept: list) -> list[int]:
@@ -419,7 +429,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         # every call's rows of numbers come from one tensor, in plan order; data-dependent rates
         # (C-Optim's multiplier, importance) multiply its rate column on the device -- one op per
         # bucket rather than one more kernel input (guarded and passed) per tensor
-        order = [i for idx, _, _ in plan for i in idx]
+        order = [i for idx, *_ in plan for i in idx]
         if order:
             numbers = torch.tensor([[*self._tensor_numbers(b, i), *hp_values] for i in order],
                                    dtype=b.compute_dtype, device=targets[order[0]].device)
@@ -427,8 +437,10 @@ class HinaOptimizer(torch.optim.Optimizer):
                 numbers[:, fused_mod.Layout.FIXED.index("rate")] *= torch.stack(
                     [b.lr_scale_t[i].detach().reshape(()) for i in order]).to(numbers)
         done = 0
-        for idx, flat_params, flat_states in plan:
+        for idx, flat_params, flat_states, encoded in plan:
             k, static, device = len(idx), statics[idx[0]], targets[idx[0]].device.type
+            for i, key, buf in encoded:  # this call's 8-bit states, decoded into the reused buffers
+                b.state[key][i].decode_into(buf)
             if (k, extra_keys, static, device) not in kernels:
                 kernels[(k, extra_keys, static, device)] = fused_mod.make_kernel(
                     kernels["chain"], layout, keys, k, self.skip_nonfinite, extra_keys, static, device)
@@ -440,6 +452,8 @@ class HinaOptimizer(torch.optim.Optimizer):
             except Exception as exc:
                 exc.hina_tensors_done = done  # type: ignore[attr-defined]
                 raise
+            for i, key, buf in encoded:
+                b.state[key][i].encode_from(buf)
             done += k
             b.scratch.setdefault("skipped", []).append(skipped)
             for j, i in enumerate(idx):
@@ -447,34 +461,57 @@ class HinaOptimizer(torch.optim.Optimizer):
         return eager
 
     def _chunk_plan(self, b: Bucket, states: list[dict], targets: list[Tensor], keys: tuple[str, ...],
-                    statics: list[tuple]) -> tuple[list[tuple[list[int], list, list]], list[int]]:
-        """The kernel calls of a bucket: per chunk its indices and the kernel views of its
-        parameters and states, plus the indices left for the eager path. A chunk's tensors share
-        a shape class and their transforms' ``static_keys`` (e.g. the phase). When every tensor is
-        persistent (the parameters themselves, states stored in the compute dtype) the plan is
-        kept and reused while the same tensor objects come back (it holds them, so their ids
-        cannot be reused); rebuilding it is ~10 ms per step on the sd15 set. Buckets partition
-        the flat parameter indices, so a bucket's first index identifies it."""
-        objs = targets + [v for k in keys for v in b.state[k]]
+                    statics: list[tuple]) -> tuple[list[tuple[list[int], list, list, list]], list[int]]:
+        """The kernel calls of a bucket: per chunk its indices, the kernel views of its parameters
+        and states, and its 8-bit states as (index, key, buffer) -- a kernel call works on those
+        buffers, decoded before and encoded after it --, plus the indices left for the eager path.
+        A chunk's tensors share a shape class and their transforms' ``static_keys`` (e.g. the
+        phase). When every tensor is persistent (the parameters themselves, states stored as
+        they are read) the plan is kept and reused while the same tensor objects come back (it
+        holds them, so their ids cannot be reused); rebuilding it is ~10 ms per step on the sd15
+        set. Buckets partition the flat parameter indices, so a bucket's first index identifies it."""
+        objs = targets + [stored_tensor(v) for k in keys for v in b.state[k]]
         # a trainer may re-point ``p.data`` (a dtype cast, a device move): the storage is checked too
         ids = list(map(id, objs)) + [t.data_ptr() for t in targets] + statics
         cached = self._plans.get(b.indices[0])
         if cached is not None and cached[0] == ids:
             return cached[2], cached[3]
         persistent = all(t is p for t, p in zip(targets, b.params)) and all(
-            v is None or v is st.get(key) for key in keys for v, st in zip(b.state[key], states))
+            v is None or stored_tensor(v) is st.get(key) for key in keys for v, st in zip(b.state[key], states))
         ok = [i for i in range(len(b)) if targets[i].is_contiguous()]
+        calls = fused_mod.chunks([(fused_mod.shape_class(targets[i]), statics[i]) for i in ok],
+                                 [targets[i].numel() for i in ok], fused_mod.chunk_size())
+        calls = [[ok[j] for j in chunk] for chunk in calls]
+        buffers = self._decode_buffers(b, keys, calls)
         plan = []
-        for chunk in fused_mod.chunks([(fused_mod.shape_class(targets[i]), statics[i]) for i in ok],
-                                      [targets[i].numel() for i in ok], fused_mod.chunk_size()):
-            idx = [ok[j] for j in chunk]
+        for idx in calls:
+            encoded = [(i, key, buffers[(j, key)][:b.state[key][i].numel()])
+                       for j, i in enumerate(idx) for key in keys if isinstance(b.state[key][i], Encoded)]
+            views = {(i, key): buf.view(b.state[key][i].shape) for i, key, buf in encoded}
             plan.append((idx, [fused_mod.kernel_view(targets[i], targets[i]) for i in idx],
-                         [tuple(fused_mod.kernel_view(b.state[key][i], targets[i]) for key in keys) for i in idx]))
+                         [tuple(fused_mod.kernel_view(views.get((i, key), b.state[key][i]), targets[i]) for key in keys)
+                          for i in idx], encoded))
         in_plan = set(ok)
         eager = [i for i in range(len(b)) if i not in in_plan]
         if persistent:
             self._plans[b.indices[0]] = (ids, objs, plan, eager)
         return plan, eager
+
+    @staticmethod
+    def _decode_buffers(b: Bucket, keys: tuple[str, ...], calls: list[list[int]]) -> dict[tuple[int, str], Tensor]:
+        """One flat buffer per (position in a call, 8-bit state key), as large as the largest
+        tensor any call puts there: calls run one after another, so they share the buffers, and
+        a step holds at most one call's 8-bit states decoded (each buffer starts at offset 0, so
+        the kernels see no storage offset to specialise on)."""
+        sizes: dict[tuple[int, str], int] = {}
+        for idx in calls:
+            for j, i in enumerate(idx):
+                for key in keys:
+                    v = b.state[key][i]
+                    if isinstance(v, Encoded):
+                        sizes[(j, key)] = max(sizes.get((j, key), 0), v.numel())
+        device = b.params[0].device
+        return {pos: torch.empty(n, dtype=b.compute_dtype, device=device) for pos, n in sizes.items()}
 
     def _run_fused(self, gi: int, b: Bucket, states: list[dict], chain: Chain) -> bool:
         """Run the bucket through the compiled per-tensor kernel; False if compilation failed."""

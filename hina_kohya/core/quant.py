@@ -26,7 +26,7 @@ import logging
 import math
 import warnings
 import zlib
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -187,6 +187,50 @@ class Quantizer:
             return self._decode_bnb(codes, absmax, signed).view(codes.shape)
         return self._decode_torch(codes, absmax, signed)
 
+    def decode_into(self, codes: Tensor, absmax: Tensor, signed: bool, out: Tensor) -> None:
+        """Decode into ``out`` (fp32, contiguous, ``codes.numel()`` elements). bitsandbytes' CPU
+        backend has no ``out=`` variant, so the decoded tensor is copied: one tensor's worth of
+        temporary memory at a time."""
+        out.view(codes.shape).copy_(self.decode(codes, absmax, signed))
+
+
+class Encoded:
+    """An 8-bit state of this step, not decoded yet (``StateStore.read(..., lazy=True)``).
+
+    The fused path decodes it one kernel call at a time into a reusable buffer (``decode_into``)
+    and encodes the result back into the same codes and block maxima (``encode_from``), so a
+    step never holds a whole 8-bit state in fp32 (which would make the step's peak memory
+    larger than with fp32 state). ``decode()`` gives a fresh tensor for the other paths.
+    """
+
+    __slots__ = ("quantizer", "codes", "absmax", "signed", "dtype")
+
+    def __init__(self, quantizer: Quantizer, codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype) -> None:
+        self.quantizer, self.codes, self.absmax, self.signed, self.dtype = quantizer, codes, absmax, signed, dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def numel(self) -> int:
+        return self.codes.numel()
+
+    def decode(self) -> Tensor:
+        return self.quantizer.decode(self.codes, self.absmax, self.signed).to(self.dtype)
+
+    def decode_into(self, out: Tensor) -> None:
+        """``out``: a contiguous buffer of ``numel()`` elements in the compute dtype (fp32)."""
+        self.quantizer.decode_into(self.codes, self.absmax, self.signed, out)
+
+    def encode_from(self, value: Tensor) -> None:
+        self.quantizer.encode_into(value.view(self.codes.shape), self.signed, self.codes, self.absmax)
+
+
+def stored_tensor(view: Any) -> Any:
+    """The tensor kept in the optimizer state behind a view ``read`` returned (the codes of an
+    ``Encoded`` state, else the view itself): what stays the same object from step to step."""
+    return view.codes if isinstance(view, Encoded) else view
+
 
 def _seed(base: int, step: int, index: int, key: str) -> int:
     """A deterministic 63-bit seed (Python's str hash is salted per process, crc32 is not)."""
@@ -250,21 +294,27 @@ class StateStore:
             state[spec.key + ABSMAX_SUFFIX] = absmax
 
     # -- read / write each step ----------------------------------------------------------
-    def read(self, state: dict, spec: StateSpec, compute_dtype: torch.dtype, keep_fp16: bool = False) -> Tensor:
+    def read(self, state: dict, spec: StateSpec, compute_dtype: torch.dtype, keep_fp16: bool = False,
+             lazy: bool = False) -> Any:
         """A compute-dtype tensor holding the state; for "plain" it is the state tensor itself, and
-        with ``keep_fp16`` an fp16 state too (for kernels that cast on load and store)."""
+        with ``keep_fp16`` an fp16 state too (for kernels that cast on load and store). With
+        ``lazy``, an 8-bit state comes back as an ``Encoded`` handle, decoded by the caller when
+        and where it needs it."""
         stored = state[spec.key]
         absmax = state.get(spec.key + ABSMAX_SUFFIX)
         if absmax is not None:
+            if lazy and compute_dtype == torch.float32:
+                return Encoded(self.quantizer, stored, absmax, spec.signed, compute_dtype)
             return self.quantizer.decode(stored, absmax, spec.signed)
         if stored.dtype == compute_dtype or (keep_fp16 and stored.dtype == torch.float16):
             return stored
         return stored.to(compute_dtype)
 
     def write(self, state: dict, spec: StateSpec, value: Tensor, step: int, index: int) -> None:
-        """Store ``value`` (the tensor returned by ``read``, updated in place) back."""
+        """Store ``value`` (the tensor returned by ``read``, updated in place) back. An
+        ``Encoded`` handle was written back by ``encode_from`` where it was used."""
         stored = state[spec.key]
-        if value is stored:
+        if value is stored or isinstance(value, Encoded):
             return
         absmax = state.get(spec.key + ABSMAX_SUFFIX)
         if absmax is not None:
