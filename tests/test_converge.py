@@ -87,6 +87,22 @@ def test_the_lr_option_replaces_the_task_grid_but_not_prodigys(tmp_path):
     assert converge.check_lrs(None) is None and converge.check_lrs([]) is None
 
 
+def test_a_stopped_run_keeps_the_tables_of_the_cells_it_finished(tmp_path, monkeypatch):
+    def stopped(groups, lr):
+        raise KeyboardInterrupt  # the user pressed Ctrl-C during the second optimizer's runs
+    monkeypatch.setitem(converge.CANDIDATES, "stops", ("stops", stopped, None, None))
+    with pytest.raises(KeyboardInterrupt):
+        converge.main(["adapter-lokr"], ["adamw", "stops"], 1, 2, tmp_path, quick=True, progress=False,
+                      lrs=[1e-3, 3e-3])
+    summary = json.loads((tmp_path / "converge.json").read_text())
+    assert summary["partial"] == "2 of 4"
+    row = summary["tasks"]["adapter-lokr"]["rows"]["adamw"]
+    assert set(row["lr_grid_validation"]) == {"0.001", "0.003"} and math.isfinite(row["heldout_mean"])
+    assert (tmp_path / "converge.md").read_text().startswith("Partial results: 2 of 4")
+    converge.main(["adapter-lokr"], ["adamw"], 1, 2, tmp_path, quick=True, progress=False, lrs=[1e-3])
+    assert "partial" not in json.loads((tmp_path / "converge.json").read_text())  # a complete run says so
+
+
 def test_converge_bad_options(tmp_path, capsys, monkeypatch):
     assert main(["bench", "converge", "--optimizer", "adamx", "--output", str(tmp_path)]) == 2
     assert "unknown optimizer adamx" in capsys.readouterr().err

@@ -90,7 +90,8 @@ def main(recipe: str, tasks: list[str], lr: float, seeds: int, steps: int, outpu
     for name in unswitched(cls):
         entries.append((f"without_{name}", _variant(recipe, without(cls, (name,))), (lr,)))
         labels[f"without_{name}"] = f"{recipe}, without {name}"
-    cells = converge.run(tasks, entries, seeds, steps, quick, device=device, progress=progress)
+    on_cell = converge.partial_writer(output, f"ablate-{recipe}", steps, seeds, labels=labels, reference="defaults")
+    cells = converge.run(tasks, entries, seeds, steps, quick, device=device, progress=progress, on_cell=on_cell)
     summary = converge.report(cells, steps, seeds, labels=labels, reference="defaults")
     summary["recipe"], summary["lr"] = recipe, lr
     converge.write(summary, output, f"ablate-{recipe}")

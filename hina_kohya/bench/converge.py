@@ -165,9 +165,11 @@ def _runner(task: Task, quick: bool, cache: dict) -> Callable[..., RunResult]:
 
 def run(tasks: list[str], entries: list[tuple[str, Callable, Optional[tuple]]], seeds: int, steps: int,
         quick: bool = False, device: str = "cpu", progress: bool = True,
-        lrs: Optional[tuple] = None) -> list[Cell]:
+        lrs: Optional[tuple] = None, on_cell: Optional[Callable[[list[Cell], int], None]] = None) -> list[Cell]:
     """Every (task, entry, lr, seed) run. ``entries``: (key, factory(groups, lr), learning rates
-    or None for the task's grid); ``lrs`` replaces the tasks' grids (not an entry's own)."""
+    or None for the task's grid); ``lrs`` replaces the tasks' grids (not an entry's own).
+    ``on_cell(cells so far, cells in all)`` is called after each finished cell (all seeds of one
+    learning rate): the benchmarks write their tables as they go, so a stopped run keeps them."""
     dev = torch.device(device)
     cache: dict = {}
     grid = {(t, key): own or lrs or TASKS[t].lrs for t in tasks for key, _, own in entries}
@@ -182,6 +184,8 @@ def run(tasks: list[str], entries: list[tuple[str, Callable, Optional[tuple]]], 
                     cell.runs.append(runner(seed, lambda groups: make(groups, lr), lr, steps, key, dev))
                     bar.update(1)
                 cells.append(cell)
+                if on_cell is not None:
+                    on_cell(cells, sum(len(g) for g in grid.values()))
     bar.close()
     return cells
 
@@ -240,6 +244,9 @@ def _base_change(c: Cell) -> Optional[float]:
 def markdown(summary: dict) -> str:
     ref = summary["reference"]
     lines = []
+    if "partial" in summary:
+        lines += [f"Partial results: {summary['partial']} learning-rate cells done (the run is going on or was "
+                  "stopped); a best lr is the best of the cells done so far.", ""]
     for task, t in summary["tasks"].items():
         lines += [f"### {task} ({summary['steps']} steps, {summary['seeds']} seeds, best lr by validation loss)", "",
                   f"| optimizer | best lr | held-out loss (mean ± sd) | steps to {ref}'s final loss | fraction of "
@@ -301,13 +308,25 @@ def outputs(stem: str) -> tuple[str, ...]:
     return f"{stem}.json", f"{stem}.md", f"{stem}.png"
 
 
-def write(summary: dict, output: Path, stem: str) -> None:
+def write(summary: dict, output: Path, stem: str, with_plot: bool = True) -> None:
     from .demo import finite_or_none
 
     output.mkdir(parents=True, exist_ok=True)
     (output / f"{stem}.json").write_text(json.dumps(finite_or_none(summary), indent=2))
     (output / f"{stem}.md").write_text(markdown(summary))
-    plot(summary, output / f"{stem}.png")
+    if with_plot:
+        plot(summary, output / f"{stem}.png")
+
+
+def partial_writer(output: Path, stem: str, steps: int, seeds: int, **report_kw) -> Callable[[list[Cell], int], None]:
+    """``run``'s ``on_cell``: the JSON and Markdown tables of the cells done so far, marked
+    partial (the complete write at the end replaces them, with the plot)."""
+    def on_cell(cells: list[Cell], total: int) -> None:
+        if len(cells) < total:
+            summary = report(cells, steps, seeds, **report_kw)
+            summary["partial"] = f"{len(cells)} of {total}"
+            write(summary, output, stem, with_plot=False)
+    return on_cell
 
 
 def check_lrs(lrs: Optional[list[float]]) -> Optional[tuple]:
@@ -324,7 +343,8 @@ def check_lrs(lrs: Optional[list[float]]) -> Optional[tuple]:
 def main(tasks: list[str], names: list[str], seeds: int, steps: int, output: Path, quick: bool,
          device: str = "cpu", progress: bool = True, lrs: Optional[list[float]] = None) -> dict:
     entries = [(name, CANDIDATES[name][1], CANDIDATES[name][2]) for name in names]
-    cells = run(tasks, entries, seeds, steps, quick, device=device, progress=progress, lrs=check_lrs(lrs))
+    cells = run(tasks, entries, seeds, steps, quick, device=device, progress=progress, lrs=check_lrs(lrs),
+                on_cell=partial_writer(output, "converge", steps, seeds))
     summary = report(cells, steps, seeds)
     write(summary, output, "converge")
     return summary
