@@ -147,6 +147,22 @@ def test_failure_after_some_tensors_were_updated_is_raised_not_retried(monkeypat
         train(m, opt, 1)
 
 
+def test_an_8bit_encode_failure_after_a_kernel_call_is_raised_not_retried(monkeypatch):
+    """The call's kernel has already written its parameters when the 8-bit states are encoded:
+    an error there (out of memory, a backend refusing) must not send the step to the eager path,
+    which would update those parameters a second time."""
+    from hina_kohya.core.quant import Encoded
+
+    def refuse(self, value):
+        raise RuntimeError("encode refused")
+    monkeypatch.setattr(Encoded, "encode_from", refuse)
+    m = TinyLoRANet(4)
+    opt = HinaAdamW(m.groups(), fused=True, state_precision="8bit", min_8bit_size=16)
+    with pytest.raises(RuntimeError, match="encode refused"):
+        train(m, opt, 1)
+    assert opt.fused  # not switched to the eager path
+
+
 @pytest.mark.parametrize("param_dtype,precision", [(torch.bfloat16, "fp32"), (torch.float32, "bf16")])
 def test_fused_equals_eager_for_bf16_params_and_bf16_state(param_dtype, precision):
     a, b = TinyLoRANet(5, dtype=param_dtype), TinyLoRANet(5, dtype=param_dtype)

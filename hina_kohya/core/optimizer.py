@@ -424,7 +424,10 @@ class HinaOptimizer(torch.optim.Optimizer):
         hp_values = layout.values(b.hp)
         transforms = kernels["chain"].transforms
         statics = [static_keys(transforms, s, b.hp) for s in b.steps]
-        plan, eager = self._chunk_plan(b, states, targets, keys, statics)
+        plan, eager, sizes = self._chunk_plan(b, states, targets, keys, statics)
+        # 8-bit states: buffers for one call's worth, made per step (not kept with the plan, so
+        # they do not stay allocated through the forward and backward passes)
+        buffers = {pos: torch.empty(n, dtype=b.compute_dtype, device=b.params[0].device) for pos, n in sizes.items()}
         extra_keys = tuple(b.extras)
         # every call's rows of numbers come from one tensor, in plan order; data-dependent rates
         # (C-Optim's multiplier, importance) multiply its rate column on the device -- one op per
@@ -439,34 +442,45 @@ class HinaOptimizer(torch.optim.Optimizer):
         done = 0
         for idx, flat_params, flat_states, encoded in plan:
             k, static, device = len(idx), statics[idx[0]], targets[idx[0]].device.type
-            for i, key, buf in encoded:  # this call's 8-bit states, decoded into the reused buffers
-                b.state[key][i].decode_into(buf)
             if (k, extra_keys, static, device) not in kernels:
                 kernels[(k, extra_keys, static, device)] = fused_mod.make_kernel(
                     kernels["chain"], layout, keys, k, self.skip_nonfinite, extra_keys, static, device)
             extras = [tuple(b.extras[e][i].detach() for e in extra_keys) for i in idx] if extra_keys else None
             try:
+                if encoded:  # this call's 8-bit states, decoded into the buffers
+                    flat_states = [list(row) for row in flat_states]
+                    for j, ki, key, pos in encoded:
+                        i = idx[j]
+                        v = b.state[key][i]
+                        buf = buffers[pos][:v.numel()]
+                        v.decode_into(buf)
+                        flat_states[j][ki] = fused_mod.kernel_view(buf.view(v.shape), targets[i])
                 out, skipped = kernels[(k, extra_keys, static, device)](
-                    flat_params, [fused_mod.kernel_view(b.grads[i].contiguous(), targets[i]) for i in idx], flat_states,
+                    flat_params, [fused_mod.kernel_view(b.grads[i].contiguous(), targets[i]) for i in idx],
+                    [tuple(row) for row in flat_states],
                     numbers[done:done + k].clone(), extras)  # a fresh tensor: no storage offset to guard on
+                done += k  # the call wrote its tensors: from here an error must not lead to an eager retry
+                for j, ki, key, pos in encoded:
+                    v = b.state[key][idx[j]]
+                    v.encode_from(buffers[pos][:v.numel()])
             except Exception as exc:
                 exc.hina_tensors_done = done  # type: ignore[attr-defined]
                 raise
-            for i, key, buf in encoded:
-                b.state[key][i].encode_from(buf)
-            done += k
             b.scratch.setdefault("skipped", []).append(skipped)
             for j, i in enumerate(idx):
                 kept[i] = out[j]
         return eager
 
     def _chunk_plan(self, b: Bucket, states: list[dict], targets: list[Tensor], keys: tuple[str, ...],
-                    statics: list[tuple]) -> tuple[list[tuple[list[int], list, list, list]], list[int]]:
+                    statics: list[tuple]) -> tuple[list[tuple[list[int], list, list, list]], list[int], dict]:
         """The kernel calls of a bucket: per chunk its indices, the kernel views of its parameters
-        and states, and its 8-bit states as (index, key, buffer) -- a kernel call works on those
-        buffers, decoded before and encoded after it --, plus the indices left for the eager path.
-        A chunk's tensors share a shape class and their transforms' ``static_keys`` (e.g. the
-        phase). When every tensor is persistent (the parameters themselves, states stored as
+        and states (None for 8-bit states), and its 8-bit states as (position in the call, position
+        in ``keys``, key, buffer) -- the call works on buffers they are decoded into before it and
+        encoded from after it --; the indices left for the eager path; and the size of each buffer
+        (one per position in a call and key, as large as the largest tensor any call puts there:
+        calls run one after another and share them, so a step holds at most one call's 8-bit
+        states decoded). A chunk's tensors share a shape class and their transforms'
+        ``static_keys`` (e.g. the phase). When every tensor is persistent (the parameters themselves, states stored as
         they are read) the plan is kept and reused while the same tensor objects come back (it
         holds them, so their ids cannot be reused); rebuilding it is ~10 ms per step on the sd15
         set. Buckets partition the flat parameter indices, so a bucket's first index identifies it."""
@@ -475,43 +489,28 @@ class HinaOptimizer(torch.optim.Optimizer):
         ids = list(map(id, objs)) + [t.data_ptr() for t in targets] + statics
         cached = self._plans.get(b.indices[0])
         if cached is not None and cached[0] == ids:
-            return cached[2], cached[3]
+            return cached[2], cached[3], cached[4]
         persistent = all(t is p for t, p in zip(targets, b.params)) and all(
             v is None or stored_tensor(v) is st.get(key) for key in keys for v, st in zip(b.state[key], states))
         ok = [i for i in range(len(b)) if targets[i].is_contiguous()]
         calls = fused_mod.chunks([(fused_mod.shape_class(targets[i]), statics[i]) for i in ok],
                                  [targets[i].numel() for i in ok], fused_mod.chunk_size())
         calls = [[ok[j] for j in chunk] for chunk in calls]
-        buffers = self._decode_buffers(b, keys, calls)
-        plan = []
+        plan, sizes = [], {}
         for idx in calls:
-            encoded = [(i, key, buffers[(j, key)][:b.state[key][i].numel()])
-                       for j, i in enumerate(idx) for key in keys if isinstance(b.state[key][i], Encoded)]
-            views = {(i, key): buf.view(b.state[key][i].shape) for i, key, buf in encoded}
+            encoded = [(j, ki, key, (j, key)) for j, i in enumerate(idx) for ki, key in enumerate(keys)
+                       if isinstance(b.state[key][i], Encoded)]
+            for j, _, key, pos in encoded:
+                sizes[pos] = max(sizes.get(pos, 0), b.state[key][idx[j]].numel())
             plan.append((idx, [fused_mod.kernel_view(targets[i], targets[i]) for i in idx],
-                         [tuple(fused_mod.kernel_view(views.get((i, key), b.state[key][i]), targets[i]) for key in keys)
-                          for i in idx], encoded))
+                         [tuple(None if isinstance(b.state[key][i], Encoded) else
+                                fused_mod.kernel_view(b.state[key][i], targets[i]) for key in keys) for i in idx],
+                         encoded))
         in_plan = set(ok)
         eager = [i for i in range(len(b)) if i not in in_plan]
         if persistent:
-            self._plans[b.indices[0]] = (ids, objs, plan, eager)
-        return plan, eager
-
-    @staticmethod
-    def _decode_buffers(b: Bucket, keys: tuple[str, ...], calls: list[list[int]]) -> dict[tuple[int, str], Tensor]:
-        """One flat buffer per (position in a call, 8-bit state key), as large as the largest
-        tensor any call puts there: calls run one after another, so they share the buffers, and
-        a step holds at most one call's 8-bit states decoded (each buffer starts at offset 0, so
-        the kernels see no storage offset to specialise on)."""
-        sizes: dict[tuple[int, str], int] = {}
-        for idx in calls:
-            for j, i in enumerate(idx):
-                for key in keys:
-                    v = b.state[key][i]
-                    if isinstance(v, Encoded):
-                        sizes[(j, key)] = max(sizes.get((j, key), 0), v.numel())
-        device = b.params[0].device
-        return {pos: torch.empty(n, dtype=b.compute_dtype, device=device) for pos, n in sizes.items()}
+            self._plans[b.indices[0]] = (ids, objs, plan, eager, sizes)
+        return plan, eager, sizes
 
     def _run_fused(self, gi: int, b: Bucket, states: list[dict], chain: Chain) -> bool:
         """Run the bucket through the compiled per-tensor kernel; False if compilation failed."""
@@ -528,6 +527,7 @@ class HinaOptimizer(torch.optim.Optimizer):
                 # twice, so stop instead of corrupting the run
                 raise
             self.fused = False
+            self._plans.clear()
             self.note_once(f"fused kernels are unavailable ({type(exc).__name__}: {str(exc)[:200]}); using the "
                            "list-wise eager path (slower; see docs/BENCHMARKS.md)")
             return False
