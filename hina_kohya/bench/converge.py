@@ -15,9 +15,10 @@ Tasks (``TASKS``):
 * ``full-finetune``: every weight of the toy denoiser fine-tuned on the new concept.
 
 Learning-rate grids: the task's (``Task.lrs``), or the one given with ``--lr``, unless the optimizer
-has its own (Prodigy's is a multiplier of its own estimate, and ``--lr`` leaves it alone). The Automagic_CameAMP recipes are given ``max_lr = 10 * lr``
-(the ratio of their presets, lr 1e-4 / max_lr 1e-3): their per-element rates live in
-``[min_lr, max_lr]``, so with the default max_lr every grid point above 1e-3 would train alike.
+has its own (Prodigy's is a multiplier of its own estimate, and ``--lr`` leaves it alone). The recipes with per-element lr masks
+(the Automagic_CameAMP family, AdaptiveHinaAdamW) are given ``max_lr = 10 * lr`` (the ratio of
+the Automagic presets, lr 1e-4 / max_lr 1e-3): their per-element rates live in ``[min_lr,
+max_lr]``, so with the default max_lr every grid point above 1e-3 would train alike.
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ def _hina(recipe: Union[str, type], **kw) -> Callable:
     return make
 
 
-def _automagic(recipe: Union[str, type], **kw) -> Callable:
-    """An Automagic_CameAMP recipe with ``max_lr = 10 * lr`` (see the module docstring)."""
+def _masked(recipe: Union[str, type], **kw) -> Callable:
+    """A recipe with per-element lr masks (the Automagic_CameAMP family, AdaptiveHinaAdamW) with
+    ``max_lr = 10 * lr`` (see the module docstring)."""
     def make(groups, lr):
         return _hina(recipe, max_lr=10 * lr, **kw)(groups, lr)
     return make
@@ -110,12 +112,12 @@ CANDIDATES: dict[str, tuple[str, Callable, tuple, Optional[str]]] = {
     "lokr-sd": ("preset lokr-sd (HinaAdamW)", _preset("lokr-sd"), None, None),
     "hina-sd-lora": ("preset hina-sd-lora (HinaAdamW)", _preset("hina-sd-lora"), None, None),
     "hina_adamw": ("HinaAdamW defaults", _hina("HinaAdamW"), None, None),
-    "adaptive_hina_adamw": ("AdaptiveHinaAdamW defaults", _hina("AdaptiveHinaAdamW"), None, None),
-    "automagic_cameamp": ("Automagic_CameAMP defaults (max_lr 10x lr)", _automagic("Automagic_CameAMP"), None, None),
-    "automagic_cameamp_8bit": ("Automagic_CameAMP8bit defaults (max_lr 10x lr)", _automagic("Automagic_CameAMP", state_precision="8bit", min_8bit_size=1),
+    "adaptive_hina_adamw": ("AdaptiveHinaAdamW defaults (max_lr 10x lr)", _masked("AdaptiveHinaAdamW"), None, None),
+    "automagic_cameamp": ("Automagic_CameAMP defaults (max_lr 10x lr)", _masked("Automagic_CameAMP"), None, None),
+    "automagic_cameamp_8bit": ("Automagic_CameAMP8bit defaults (max_lr 10x lr)", _masked("Automagic_CameAMP", state_precision="8bit", min_8bit_size=1),
                                None, None),
-    "automagic_cameamp_coptim": ("Automagic_CameAMP_COptim defaults (max_lr 10x lr)", _automagic("Automagic_CameAMP_COptim"), None, None),
-    "automagic_cameamp_improved": ("Automagic_CameAMP_Improved defaults (max_lr 10x lr)", _automagic("Automagic_CameAMP_Improved"),
+    "automagic_cameamp_coptim": ("Automagic_CameAMP_COptim defaults (max_lr 10x lr)", _masked("Automagic_CameAMP_COptim"), None, None),
+    "automagic_cameamp_improved": ("Automagic_CameAMP_Improved defaults (max_lr 10x lr)", _masked("Automagic_CameAMP_Improved"),
                                    None, None),
 }
 

@@ -27,7 +27,7 @@ from ..core.chain import Chain
 from ..core.optimizer import HinaOptimizer
 from ..transforms.adaptive import ImportanceScaling, relationships
 from ..transforms.decay import DynamicWeightDecay, SelectiveProjectionDecay
-from ..transforms.lr_mask import LRMask
+from ..transforms.lr_mask import LRMask, note_capped_groups
 from .hina_adamw import (hina_features, hina_gradient_and_moments, hina_update_shaping, legacy_state_precision,
                          move_state)
 
@@ -89,6 +89,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                          bf16_rounding=bf16_rounding, master_weights=master_weights, seed=seed,
                          resume_hparams=resume_hparams, min_8bit_size=min_8bit_size, fused=fused,
                          skip_nonfinite=skip_nonfinite)
+        if use_lr_mask:
+            note_capped_groups(self)
 
     # -- diagnostics (ALGORITHMS.md §3.2 keys; the original's crashes E1/E2 and wrong fields fixed) --
     def get_optimization_info(self) -> dict:

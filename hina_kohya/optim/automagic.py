@@ -59,7 +59,7 @@ from ..transforms.agr import AGR
 from ..transforms.came import CAMEConfidence, FactoredSecondMoment
 from ..transforms.context import Context, ContextRate
 from ..transforms.decay import AdaptiveWeightDecay, NoDecoupledDecay, SelectiveProjectionDecay
-from ..transforms.lr_mask import LRMask
+from ..transforms.lr_mask import LRMask, note_capped_groups
 from ..transforms.masks import Background, Cautious, Grams
 from ..transforms.moments import ConsistencyMomentum, DualMomentum
 from ..transforms.phase import PHASES, Phase, phase_index
@@ -228,11 +228,7 @@ class _AutomagicBase(HinaOptimizer):
         if cfg.alpha_mix_ratio is None:
             defaults["alpha_mix_ratio"] = 0.5
         super().__init__(params, defaults, state_precision=cfg.state_precision, **engine)
-        for i, g in enumerate(self.param_groups):
-            if g["lr"] > g["max_lr"]:  # silently capped otherwise: the masks live in [min_lr, max_lr]
-                self.note_once(f"param group {i}: lr={g['lr']:g} is above max_lr={g['max_lr']:g}; the per-element "
-                               f"rates start at and stay within max_lr, so this trains like lr={g['max_lr']:g}. "
-                               f"Pass max_lr >= lr (e.g. max_lr={10 * g['lr']:g}) to train at this lr")
+        note_capped_groups(self)
 
     # -- the shared head and tail of the chains ----------------------------------------------
     def _regularizers(self, hp: dict) -> list[Transform]:

@@ -28,6 +28,16 @@ def initial_lr_t(hp: dict):
     return hp["initial_lr"] if "initial_lr" in hp else hp["hina_lr0"] if "hina_lr0" in hp else hp["lr"]
 
 
+def note_capped_groups(opt) -> None:
+    """One message per optimizer for each param group whose lr is above its max_lr: the masks
+    live in [min_lr, max_lr], so such a group trains like lr = max_lr, silently otherwise."""
+    for i, g in enumerate(opt.param_groups):
+        if g["lr"] > g["max_lr"]:
+            opt.note_once(f"param group {i}: lr={g['lr']:g} is above max_lr={g['max_lr']:g}; the per-element "
+                          f"rates start at and stay within max_lr, so this trains like lr={g['max_lr']:g}. "
+                          f"Pass max_lr >= lr (e.g. max_lr={10 * g['lr']:g}) to train at this lr")
+
+
 class LRMask(Transform):
     """``d_coef`` (Automagic_CameAMP_Improved): during the early warm-up (t < W/2) the bump toward
     larger rates is multiplied by ``hp["d_coef"]`` when -sum(g * theta) > 0 (the gradient points
