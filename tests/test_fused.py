@@ -238,6 +238,8 @@ def test_8bit_states_are_decoded_one_kernel_call_at_a_time(monkeypatch):
     plan = dict(ob._plans)
     train(b, ob, 2, start=3)
     assert plan and all(ob._plans[k] is v for k, v in plan.items())  # kept between steps
+    buffers = [buf for entry in ob._plans.values() for buf in entry[4]]
+    assert buffers and all(buf.untyped_storage().nbytes() == 0 for buf in buffers)  # no memory between steps
     # decode_into may decode through decode (one tensor); any other decode is a whole-state one
     events = [e for k, e in enumerate(events) if not (e[0] == "decode" and k and events[k - 1] == ("decode_into", e[1]))]
     assert [e for e, _ in events if e == "decode"] == []

@@ -420,14 +420,24 @@ class HinaOptimizer(torch.optim.Optimizer):
         """Run the contiguous tensors through the compiled kernels, ``chunk_size()`` tensors per
         call; return the indices left for the eager per-tensor path (non-contiguous parameters;
         a non-contiguous gradient is read through a contiguous copy)."""
+        kernels, _, keys = fused
+        statics = [static_keys(kernels["chain"].transforms, s, b.hp) for s in b.steps]
+        plan, eager, buffers = self._chunk_plan(b, states, targets, keys, statics)
+        # the 8-bit states' buffers hold memory during the step only (the views into them are
+        # kept with the plan; freeing the storage, not the tensors, keeps them valid)
+        for buf in buffers:
+            buf.untyped_storage().resize_(buf.numel() * buf.element_size())
+        try:
+            return self._call_kernels(b, targets, fused, kept, plan, eager, statics)
+        finally:
+            for buf in buffers:
+                buf.untyped_storage().resize_(0)
+
+    def _call_kernels(self, b: Bucket, targets: list[Tensor], fused: tuple, kept: list, plan: list,
+                      eager: list[int], statics: list[tuple]) -> list[int]:
+        """The kernel calls of ``plan``, each between the decode and the encode of its 8-bit states."""
         kernels, layout, keys = fused
         hp_values = layout.values(b.hp)
-        transforms = kernels["chain"].transforms
-        statics = [static_keys(transforms, s, b.hp) for s in b.steps]
-        plan, eager, sizes = self._chunk_plan(b, states, targets, keys, statics)
-        # 8-bit states: buffers for one call's worth, made per step (not kept with the plan, so
-        # they do not stay allocated through the forward and backward passes)
-        buffers = {pos: torch.empty(n, dtype=b.compute_dtype, device=b.params[0].device) for pos, n in sizes.items()}
         extra_keys = tuple(b.extras)
         # every call's rows of numbers come from one tensor, in plan order; data-dependent rates
         # (C-Optim's multiplier, importance) multiply its rate column on the device -- one op per
@@ -447,22 +457,14 @@ class HinaOptimizer(torch.optim.Optimizer):
                     kernels["chain"], layout, keys, k, self.skip_nonfinite, extra_keys, static, device)
             extras = [tuple(b.extras[e][i].detach() for e in extra_keys) for i in idx] if extra_keys else None
             try:
-                if encoded:  # this call's 8-bit states, decoded into the buffers
-                    flat_states = [list(row) for row in flat_states]
-                    for j, ki, key, pos in encoded:
-                        i = idx[j]
-                        v = b.state[key][i]
-                        buf = buffers[pos][:v.numel()]
-                        v.decode_into(buf)
-                        flat_states[j][ki] = fused_mod.kernel_view(buf.view(v.shape), targets[i])
+                for i, key, buf in encoded:  # this call's 8-bit states, decoded into the buffers
+                    b.state[key][i].decode_into(buf)
                 out, skipped = kernels[(k, extra_keys, static, device)](
-                    flat_params, [fused_mod.kernel_view(b.grads[i].contiguous(), targets[i]) for i in idx],
-                    [tuple(row) for row in flat_states],
+                    flat_params, [fused_mod.kernel_view(b.grads[i].contiguous(), targets[i]) for i in idx], flat_states,
                     numbers[done:done + k].clone(), extras)  # a fresh tensor: no storage offset to guard on
                 done += k  # the call wrote its tensors: from here an error must not lead to an eager retry
-                for j, ki, key, pos in encoded:
-                    v = b.state[key][idx[j]]
-                    v.encode_from(buffers[pos][:v.numel()])
+                for i, key, buf in encoded:
+                    b.state[key][i].encode_from(buf)
             except Exception as exc:
                 exc.hina_tensors_done = done  # type: ignore[attr-defined]
                 raise
@@ -472,18 +474,18 @@ class HinaOptimizer(torch.optim.Optimizer):
         return eager
 
     def _chunk_plan(self, b: Bucket, states: list[dict], targets: list[Tensor], keys: tuple[str, ...],
-                    statics: list[tuple]) -> tuple[list[tuple[list[int], list, list, list]], list[int], dict]:
+                    statics: list[tuple]) -> tuple[list[tuple[list[int], list, list, list]], list[int], list[Tensor]]:
         """The kernel calls of a bucket: per chunk its indices, the kernel views of its parameters
-        and states (None for 8-bit states), and its 8-bit states as (position in the call, position
-        in ``keys``, key, buffer) -- the call works on buffers they are decoded into before it and
-        encoded from after it --; the indices left for the eager path; and the size of each buffer
-        (one per position in a call and key, as large as the largest tensor any call puts there:
-        calls run one after another and share them, so a step holds at most one call's 8-bit
-        states decoded). A chunk's tensors share a shape class and their transforms'
-        ``static_keys`` (e.g. the phase). When every tensor is persistent (the parameters themselves, states stored as
-        they are read) the plan is kept and reused while the same tensor objects come back (it
-        holds them, so their ids cannot be reused); rebuilding it is ~10 ms per step on the sd15
-        set. Buckets partition the flat parameter indices, so a bucket's first index identifies it."""
+        and states, and its 8-bit states as (index, key, buffer) -- the call works on buffers they
+        are decoded into before it and encoded from after it --; the indices left for the eager
+        path; and the buffers, one per position in a call and 8-bit key, as large as the largest
+        tensor any call puts there (calls run one after another and share them, so a step holds
+        at most one call's 8-bit states decoded). A chunk's tensors share a shape class and their
+        transforms' ``static_keys`` (e.g. the phase). When every tensor is persistent (the
+        parameters themselves, states stored as they are read) the plan is kept and reused while
+        the same tensor objects come back (it holds them, so their ids cannot be reused);
+        rebuilding it is ~10 ms per step on the sd15 set. Buckets partition the flat parameter
+        indices, so a bucket's first index identifies it."""
         objs = targets + [stored_tensor(v) for k in keys for v in b.state[k]]
         # a trainer may re-point ``p.data`` (a dtype cast, a device move): the storage is checked too
         ids = list(map(id, objs)) + [t.data_ptr() for t in targets] + statics
@@ -496,21 +498,26 @@ class HinaOptimizer(torch.optim.Optimizer):
         calls = fused_mod.chunks([(fused_mod.shape_class(targets[i]), statics[i]) for i in ok],
                                  [targets[i].numel() for i in ok], fused_mod.chunk_size())
         calls = [[ok[j] for j in chunk] for chunk in calls]
-        plan, sizes = [], {}
+        sizes: dict[tuple[int, str], int] = {}
         for idx in calls:
-            encoded = [(j, ki, key, (j, key)) for j, i in enumerate(idx) for ki, key in enumerate(keys)
-                       if isinstance(b.state[key][i], Encoded)]
-            for j, _, key, pos in encoded:
-                sizes[pos] = max(sizes.get(pos, 0), b.state[key][idx[j]].numel())
+            for j, i in enumerate(idx):
+                for key in keys:
+                    if isinstance(b.state[key][i], Encoded):
+                        sizes[(j, key)] = max(sizes.get((j, key), 0), b.state[key][i].numel())
+        buffers = {pos: torch.empty(n, dtype=b.compute_dtype, device=b.params[0].device) for pos, n in sizes.items()}
+        plan = []
+        for idx in calls:
+            encoded = [(i, key, buffers[(j, key)][:b.state[key][i].numel()])
+                       for j, i in enumerate(idx) for key in keys if isinstance(b.state[key][i], Encoded)]
+            views = {(i, key): buf.view(b.state[key][i].shape) for i, key, buf in encoded}
             plan.append((idx, [fused_mod.kernel_view(targets[i], targets[i]) for i in idx],
-                         [tuple(None if isinstance(b.state[key][i], Encoded) else
-                                fused_mod.kernel_view(b.state[key][i], targets[i]) for key in keys) for i in idx],
-                         encoded))
+                         [tuple(fused_mod.kernel_view(views.get((i, key), b.state[key][i]), targets[i]) for key in keys)
+                          for i in idx], encoded))
         in_plan = set(ok)
         eager = [i for i in range(len(b)) if i not in in_plan]
         if persistent:
-            self._plans[b.indices[0]] = (ids, objs, plan, eager, sizes)
-        return plan, eager, sizes
+            self._plans[b.indices[0]] = (ids, objs, plan, eager, list(buffers.values()))
+        return plan, eager, list(buffers.values())
 
     def _run_fused(self, gi: int, b: Bucket, states: list[dict], chain: Chain) -> bool:
         """Run the bucket through the compiled per-tensor kernel; False if compilation failed."""
