@@ -460,16 +460,3 @@ def test_importance_score_matches_the_reference_formula():
             torch.testing.assert_close(opt.state[p]["importance"], torch.tensor(expected[id(p)], dtype=torch.float64),
                                        rtol=1e-9, atol=1e-12)
 
-
-def test_adaptive_hina_adamw_reports_an_lr_above_its_max_lr():
-    """Its lr masks live in [min_lr, max_lr] as the Automagic family's do: lr=1e-2 with the default
-    max_lr=1e-3 trains like 1e-3 (the converge benchmark saw the same loss at every lr of its grid)."""
-    import warnings
-
-    p = torch.nn.Parameter(torch.randn(4, 4))
-    with pytest.warns(UserWarning, match=r"lr=0\.01 is above max_lr=0\.001.*max_lr=0\.1"):
-        AdaptiveHinaAdamW([p], lr=1e-2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        AdaptiveHinaAdamW([p], lr=1e-2, max_lr=1e-1)
-        AdaptiveHinaAdamW([p], lr=1e-2, use_lr_mask=False)  # no mask, no cap
