@@ -72,7 +72,9 @@ def without(cls: type, names: tuple[str, ...]) -> type:
 
 
 def _variant(recipe: str, cls: type = None, **kw) -> Callable:
-    return (converge._automagic if recipe.startswith("Automagic") else converge._hina)(cls or recipe, **kw)
+    # the recipes with lr masks get max_lr = 10 x lr, as in bench converge
+    masked = recipe.startswith(("Automagic", "AdaptiveHinaAdamW"))
+    return (converge._masked if masked else converge._hina)(cls or recipe, **kw)
 
 
 def main(recipe: str, tasks: list[str], lr: float, seeds: int, steps: int, output: Path, quick: bool,
