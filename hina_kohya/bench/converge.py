@@ -176,7 +176,8 @@ def run(tasks: list[str], entries: list[tuple[str, Callable, Optional[tuple]]], 
     cache: dict = {}
     grid = {(t, key): own or lrs or TASKS[t].lrs for t in tasks for key, _, own in entries}
     cells: list[Cell] = []
-    bar = denoiser.progress_bar(sum(len(g) for g in grid.values()) * seeds, "bench", progress)
+    total = sum(len(g) for g in grid.values())
+    bar = denoiser.progress_bar(total * seeds, "bench", progress)
     for task in tasks:
         runner = _runner(TASKS[task], quick, cache)
         for key, make, _ in entries:
@@ -187,7 +188,7 @@ def run(tasks: list[str], entries: list[tuple[str, Callable, Optional[tuple]]], 
                     bar.update(1)
                 cells.append(cell)
                 if on_cell is not None:
-                    on_cell(cells, sum(len(g) for g in grid.values()))
+                    on_cell(cells, total)
     bar.close()
     return cells
 

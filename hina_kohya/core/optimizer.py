@@ -271,20 +271,17 @@ class HinaOptimizer(torch.optim.Optimizer):
         b = Bucket(group, params, grads, views, steps, roles, indices, cdtype, opt=self)
         for t in chain.transforms:
             t.prepare(b)
-        if fused and self._run_fused(gi, b, states, chain):
-            pass
-        elif (self.foreach or fused) and all(t.has_foreach for t in chain.transforms):
+        if not (fused and self._run_fused(gi, b, states, chain)):
             if fused:  # compilation failed before anything was updated: redo the views for eager
-                self._reread_for_eager(b, cdtype, range(len(b)))
-            if self.skip_nonfinite:
-                self._snapshot(b, states)
-            for t in chain.transforms:
-                t.foreach(b)
-            self._write_back(b, states, chain)
-        else:
-            if fused:
-                self._reread_for_eager(b, cdtype, range(len(b)))
-            self._run_per_tensor(b, states, chain.transforms, None)
+                self._reread_for_eager(b, range(len(b)))
+            if (self.foreach or fused) and all(t.has_foreach for t in chain.transforms):
+                if self.skip_nonfinite:
+                    self._snapshot(b, states)
+                for t in chain.transforms:
+                    t.foreach(b)
+                self._write_back(b, states, chain)
+            else:
+                self._run_per_tensor(b, states, chain.transforms, None)
         self._record(b, record)
         for s in specs:
             for st, value, t, idx in zip(states, views[s.key], steps, indices):
@@ -378,7 +375,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         eager = list(range(len(b)))
         if fused is not None:
             eager = self._run_chunks(b, states, targets, fused, kept)
-            self._reread_for_eager(b, b.compute_dtype, eager)
+            self._reread_for_eager(b, eager)
         if eager:
             hp = fused_mod.hp_tensors(b.hp, device, b.compute_dtype)
         for i in eager:
@@ -404,7 +401,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         return float(b.steps[i]), float(b.lr_scale[i]), float(decay), float(b.lr_mask_scale)
 
     @staticmethod
-    def _reread_for_eager(b: Bucket, cdtype: torch.dtype, indices: Iterable[int]) -> None:
+    def _reread_for_eager(b: Bucket, indices: Iterable[int]) -> None:
         """The views of tensors ``indices`` as the eager paths need them: fp16 states cast to the
         compute dtype, 8-bit states decoded (``_run_bucket`` encodes them back at the end)."""
         for key, views in b.state.items():
@@ -412,8 +409,8 @@ class HinaOptimizer(torch.optim.Optimizer):
                 v = views[j]
                 if isinstance(v, Encoded):
                     views[j] = v.decode()
-                elif v is not None and v.dtype == torch.float16 and cdtype != torch.float16:
-                    views[j] = v.to(cdtype)
+                elif v is not None and v.dtype == torch.float16 and b.compute_dtype != torch.float16:
+                    views[j] = v.to(b.compute_dtype)
 
     def _run_chunks(self, b: Bucket, states: list[dict], targets: list[Tensor], fused: tuple,
                     kept: list) -> list[int]:
@@ -515,9 +512,10 @@ class HinaOptimizer(torch.optim.Optimizer):
                           for i in idx], encoded))
         in_plan = set(ok)
         eager = [i for i in range(len(b)) if i not in in_plan]
+        kept = (plan, eager, list(buffers.values()))
         if persistent:
-            self._plans[b.indices[0]] = (ids, objs, plan, eager, list(buffers.values()))
-        return plan, eager, list(buffers.values())
+            self._plans[b.indices[0]] = (ids, objs, *kept)
+        return kept
 
     def _run_fused(self, gi: int, b: Bucket, states: list[dict], chain: Chain) -> bool:
         """Run the bucket through the compiled per-tensor kernel; False if compilation failed."""
