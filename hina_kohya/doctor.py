@@ -29,12 +29,13 @@ def _version(dist: str) -> Optional[str]:
 
 
 def bitsandbytes_backend() -> str:
-    """Whether 8-bit state will use bitsandbytes' kernels on this machine, or our torch fallback."""
+    """What will encode and decode 8-bit state on this machine: bitsandbytes' kernels, or the
+    compiled torch lookup codec (the CPU default: faster than bitsandbytes' CPU kernels)."""
     from .core.quant import Quantizer
 
     q = Quantizer("auto")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    return ", ".join(f"{d.type}: {q.backend_for(d)}" for d in devices)
+    return ", ".join(f"{d.type}: {q.codec_for(d)}" for d in devices)
 
 
 def sd_scripts_report(folder: str) -> list[tuple[str, str]]:

@@ -147,15 +147,44 @@ def test_failure_after_some_tensors_were_updated_is_raised_not_retried(monkeypat
         train(m, opt, 1)
 
 
+def test_fused_8bit_with_the_batched_codec_equals_eager(monkeypatch):
+    """LoRA-sized factors (whole 256-value blocks) go through the batched compiled codec, one
+    decode and one encode per kernel call; a factor with a partial block goes alone; the result
+    is the eager path's (whose states are decoded and encoded one tensor at a time)."""
+    from hina_kohya import Automagic_CameAMP
+    from hina_kohya.core import quant
+
+    counts = []
+    original = quant._compiled
+    monkeypatch.setattr(quant, "_compiled", lambda fn, count: counts.append(count) or original(fn, count))
+    shapes = [(16, 320), (320, 16), (16, 320), (320, 16), (8, 1000), (16, 64)]
+    gen = torch.Generator().manual_seed(11)
+    targets = [torch.randn(s, generator=gen) for s in shapes]
+    runs = []
+    for fused in (False, True):
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+        opt = Automagic_CameAMP(params, lr=1e-2, max_lr=5e-2, warmup_steps=3, state_precision="8bit",
+                                min_8bit_size=1024, fused=fused)
+        for _ in range(6):
+            opt.zero_grad()
+            sum(((p - t) ** 2).sum() for p, t in zip(params, targets)).backward()
+            opt.step()
+        assert opt.fused == fused and opt.state[params[0]]["exp_avg"].dtype == torch.uint8
+        runs.append(params)
+    assert counts and max(counts) >= 2  # several states per compiled codec call
+    for x, y in zip(*runs):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
+
+
 def test_an_8bit_encode_failure_after_a_kernel_call_is_raised_not_retried(monkeypatch):
     """The call's kernel has already written its parameters when the 8-bit states are encoded:
     an error there (out of memory, a backend refusing) must not send the step to the eager path,
     which would update those parameters a second time."""
-    from hina_kohya.core.quant import Encoded
+    from hina_kohya.core.quant import Quantizer
 
-    def refuse(self, value):
+    def refuse(self, *args):
         raise RuntimeError("encode refused")
-    monkeypatch.setattr(Encoded, "encode_from", refuse)
+    monkeypatch.setattr(Quantizer, "encode_many", refuse)
     m = TinyLoRANet(4)
     opt = HinaAdamW(m.groups(), fused=True, state_precision="8bit", min_8bit_size=16)
     with pytest.raises(RuntimeError, match="encode refused"):
@@ -217,14 +246,22 @@ def test_8bit_states_are_decoded_one_kernel_call_at_a_time(monkeypatch):
     a, oa, b, ob = _pair(Automagic_CameAMP, "8bit", warmup_steps=4, max_lr=5e-2)
     train(a, oa, 3)
     train(b, ob, 3)
-    events = []
-    for name in ("decode", "decode_into", "encode_into"):
+    events, inside = [], []
+    for name in ("decode", "decode_many", "encode_many"):
         original = getattr(Quantizer, name)
 
         def spy(self, *args, _name=name, _original=original, **kw):
-            codes = args[2] if _name == "encode_into" else args[0]  # (x, signed, codes, absmax) / (codes, ...)
-            events.append((_name, codes.data_ptr()))
-            return _original(self, *args, **kw)
+            if not inside:  # a batched call may decode or encode through the per-tensor methods
+                if _name == "decode":
+                    events.append(("decode", args[0].data_ptr()))
+                else:  # (codes, absmax, signed, out) / (xs, signed, codes, absmax)
+                    codes = args[0] if _name == "decode_many" else args[2]
+                    events.extend((_name, c.data_ptr()) for c in codes)
+            inside.append(_name)
+            try:
+                return _original(self, *args, **kw)
+            finally:
+                inside.pop()
         monkeypatch.setattr(Quantizer, name, spy)
 
     def spied(kernel):
@@ -240,24 +277,22 @@ def test_8bit_states_are_decoded_one_kernel_call_at_a_time(monkeypatch):
     assert plan and all(ob._plans[k] is v for k, v in plan.items())  # kept between steps
     buffers = [buf for entry in ob._plans.values() for buf in entry[4]]
     assert buffers and all(buf.untyped_storage().nbytes() == 0 for buf in buffers)  # no memory between steps
-    # decode_into may decode through decode (one tensor); any other decode is a whole-state one
-    events = [e for k, e in enumerate(events) if not (e[0] == "decode" and k and events[k - 1] == ("decode_into", e[1]))]
-    assert [e for e, _ in events if e == "decode"] == []
+    assert [e for e, _ in events if e == "decode"] == []  # no whole-state decode
     quantized = {id(st["exp_avg"]) for st in ob.state.values() if "exp_avg.absmax" in st}
     assert quantized, "the test needs 8-bit states"
     # per step and call: the call's decodes, the kernel, the same states' encodes
     kinds = [e for e, _ in events]
-    assert kinds.count("kernel") > 0 and kinds.count("decode_into") == kinds.count("encode_into")
+    assert kinds.count("kernel") > 0 and kinds.count("decode_many") == kinds.count("encode_many")
     i = 0
     while i < len(events):
         decoded = []
-        while events[i][0] == "decode_into":
+        while events[i][0] == "decode_many":
             decoded.append(events[i][1])
             i += 1
         assert events[i][0] == "kernel"
         i += 1
         encoded = []
-        while i < len(events) and events[i][0] == "encode_into":
+        while i < len(events) and events[i][0] == "encode_many":
             encoded.append(events[i][1])
             i += 1
         assert encoded == decoded

@@ -48,6 +48,149 @@ def test_backends_produce_the_same_codes():
         assert mismatch.max() <= 1 and (mismatch > 0).float().mean() < 0.01  # only exact ties may differ
 
 
+def _nearest_codes(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference encode: each block scaled by its absmax, then the number of map midpoints
+    below each value (a search over the sorted map: the nearest entry's index)."""
+    table = dynamic_map(signed)
+    mids = (table[1:] + table[:-1]) / 2
+    flat = x.reshape(-1).float()
+    n, nblocks = flat.numel(), -(-x.numel() // quant.BLOCK)
+    blocks = torch.nn.functional.pad(flat, (0, nblocks * quant.BLOCK - n)).view(nblocks, quant.BLOCK)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+    codes = torch.bucketize(scaled, mids).view(-1)[:n].to(torch.uint8).view(x.shape)
+    return codes, absmax
+
+
+def _hard_values(signed: bool) -> torch.Tensor:
+    """Every map entry and midpoint, one float step either side of each midpoint, the edges of
+    the encoder's lookup range, zeros; each block opens with 1.0 so that the scaled values are
+    these values exactly; plus random blocks, an all-zero block and a partial last block."""
+    table = dynamic_map(signed)
+    mids = (table[1:] + table[:-1]) / 2
+    around = torch.cat([mids, torch.nextafter(mids, torch.tensor(-2.0)), torch.nextafter(mids, torch.tensor(2.0)),
+                        table, torch.tensor([0.0, -0.0, 1e-30, 2.0 ** -24, 2.0 ** -23, 3e-7, 1.0])])
+    if signed:
+        around = torch.cat([around, -around])
+    per = quant.BLOCK - 1
+    pad = -around.numel() % per
+    blocks = torch.cat([around, torch.zeros(pad)]).view(-1, per)
+    exact = torch.cat([torch.ones(blocks.shape[0], 1), blocks], dim=1).view(-1)
+    noise = torch.randn(5 * quant.BLOCK, generator=torch.Generator().manual_seed(3)) * 1e-3
+    noise = noise if signed else noise.abs() ** 2
+    noise[:quant.BLOCK] = 0.0
+    noise[2 * quant.BLOCK + 7] = -0.05 if signed else 0.05  # a block whose largest magnitude is negative
+    return torch.cat([exact, noise, noise[:37] * 1e6])  # the last block has 37 values
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("compiled", [True, False])
+def test_lookup_encoder_gives_the_nearest_codes_bit_for_bit(signed, compiled):
+    x = _hard_values(signed)
+    codes = torch.empty(x.shape, dtype=torch.uint8)
+    absmax = torch.empty(-(-x.numel() // quant.BLOCK))
+    q = Quantizer("torch")
+    if compiled:
+        q.encode_into(x, signed, codes, absmax)
+        assert q._compiled_ok["cpu"] is True
+    else:
+        quant._encode_many(quant._flat([x]), *quant.lookup_tables(signed), quant._flat([codes]), [absmax])
+    want_codes, want_absmax = _nearest_codes(x, signed)
+    assert torch.equal(absmax, want_absmax)
+    assert torch.equal(codes, want_codes), (codes != want_codes).nonzero()[:5]
+    for shape in [(quant.BLOCK * 3,), (5, 100), (quant.BLOCK,), (7,)]:  # whole blocks, a tail, one block, under one
+        y = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape)))
+        y = y if signed else y.abs()
+        c, a = q.encode(y, signed)
+        assert torch.equal(c, _nearest_codes(y, signed)[0]) and torch.equal(a, _nearest_codes(y, signed)[1])
+
+
+def test_auto_backend_encodes_on_the_cpu_with_the_compiled_lookup(monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    q = Quantizer("auto")
+    assert q.backend_for(torch.device("cpu")) == "bitsandbytes"  # probed (it encodes once) before the spy
+    calls = []
+    monkeypatch.setattr(q, "_encode_bnb", lambda *a, **k: calls.append("bnb"))
+    x = torch.randn(3 * quant.BLOCK + 5)
+    codes, absmax = q.encode(x, True)
+    assert calls == [] and q._compiled_ok["cpu"] is True and q.codec_for(torch.device("cpu")) == "torch lookup"
+    assert torch.equal(codes, _nearest_codes(x, True)[0])
+    forced = Quantizer("bitsandbytes")
+    forced.backend_for(torch.device("cpu"))
+    monkeypatch.setattr(forced, "_encode_bnb", lambda *a, **k: calls.append("bnb"))
+    forced.encode(x, True)
+    assert calls == ["bnb"] and forced.codec_for(torch.device("cpu")) == "bitsandbytes"  # an explicit choice stays
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_an_encoder_that_does_not_compile_falls_back_once_and_writes_the_same_codes(monkeypatch, backend):
+    if backend == "auto":
+        pytest.importorskip("bitsandbytes")
+    q = Quantizer(backend)
+    tries = []
+
+    def broken(*args):
+        tries.append(1)
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(quant, "_compiled", lambda fn, count: broken)
+    x = torch.randn(2 * quant.BLOCK + 9, generator=torch.Generator().manual_seed(5))
+    codes, absmax = q.encode(x, True)
+    assert q._compiled_ok["cpu"] is False
+    decoded = q.decode(codes, absmax, True)
+    assert len(tries) == 1  # not tried again
+    expected = dynamic_map(True)[codes.long()] * absmax.repeat_interleave(quant.BLOCK)[:x.numel()]
+    assert torch.equal(decoded, expected)
+    want_codes, want_absmax = _nearest_codes(x, True)
+    torch.testing.assert_close(absmax, want_absmax)
+    mismatch = (codes.int() - want_codes.int()).abs()
+    if backend == "torch":  # the same lookup, eagerly
+        assert torch.equal(codes, want_codes)
+    else:  # bitsandbytes' kernel: ties may round the other way
+        assert mismatch.max() <= 1 and (mismatch > 0).float().mean() < 0.01
+
+
+def test_an_encoder_failure_after_it_has_compiled_is_raised(monkeypatch):
+    q = Quantizer("torch")
+    q.encode(torch.randn(quant.BLOCK), True)  # compiles and runs
+    assert q._compiled_ok["cpu"] is True
+
+    def broken(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(quant, "_compiled", lambda fn, count: broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        q.encode(torch.randn(quant.BLOCK), True)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "bitsandbytes"])
+def test_batched_codec_equals_the_per_tensor_one(backend):
+    """``decode_all`` / ``encode_all`` (the fused path's, one call per kernel call and map) give
+    what decoding and encoding each state alone gives, partial blocks included."""
+    if backend != "torch":
+        pytest.importorskip("bitsandbytes")
+    q = Quantizer(backend)
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(16, 320), (2 * quant.BLOCK,), (8, 1000), (40, 128), (quant.BLOCK,), (7,)]  # (8, 1000): 31.25 blocks
+    handles, bufs, reference = [], [], []
+    for signed in (True, False):
+        for shape in shapes:
+            x = torch.randn(shape, generator=gen)
+            x = x if signed else x.abs()
+            codes, absmax = q.encode(x, signed)
+            handles.append(quant.Encoded(q, codes.clone(), absmax.clone(), signed, torch.float32))
+            bufs.append(torch.empty(x.numel()))
+            reference.append((x, codes, absmax))
+    quant.decode_all(list(zip(handles, bufs)))
+    for h, buf, (x, codes, absmax) in zip(handles, bufs, reference):
+        assert torch.equal(buf.view(x.shape), q.decode(codes, absmax, h.signed))  # bit for bit, bitsandbytes' too
+        buf.copy_((x * 0.5 - 0.1).reshape(-1) if h.signed else (x * 0.5).reshape(-1))
+    quant.encode_all(list(zip(handles, bufs)))
+    for h, buf, (x, _, _) in zip(handles, bufs, reference):
+        codes, absmax = q.encode(buf.view(x.shape), h.signed)
+        assert torch.equal(h.codes, codes) and torch.equal(h.absmax, absmax)
+
+
 def test_eight_bit_pair_is_at_most_2_1_bytes_per_element():
     p = torch.nn.Parameter(torch.randn(1000, 1000))
     opt = plain_hina([p], state_precision="8bit")

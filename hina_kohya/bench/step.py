@@ -102,6 +102,8 @@ CANDIDATES: dict[str, tuple[str, Callable]] = {
     # SPD) are compiled out of the kernels once the warm-up is over; warmup_steps=2 gets there at once
     "automagic_cameamp_after_warmup": ("Automagic_CameAMP, defaults, fp32 state, after the warm-up",
                                        _recipe("Automagic_CameAMP", "fp32", warmup_steps=2)),
+    "automagic_cameamp_8bit_after_warmup": ("Automagic_CameAMP8bit, defaults, after the warm-up",
+                                            _recipe("Automagic_CameAMP", "8bit", warmup_steps=2)),
     "automagic_cameamp_improved_after_warmup": ("Automagic_CameAMP_Improved, defaults, fp32 state, after the warm-up",
                                                 _recipe("Automagic_CameAMP_Improved", "fp32", warmup_steps=2)),
     "hina_adamw_eager": ("HinaAdamW, defaults, fp32 state, eager (fused=False)",

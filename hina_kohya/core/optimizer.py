@@ -36,6 +36,7 @@ from ..args import check_hparams
 from . import fused as fused_mod
 from .chain import Bucket, Chain, Slot, StateSpec, static_keys, tensor_step
 from .precision import ROUNDINGS, check_param_dtype, kahan_write
+from . import quant
 from .quant import Encoded, StateStore, _seed, stored_tensor
 
 log = logging.getLogger(__name__)
@@ -454,14 +455,12 @@ class HinaOptimizer(torch.optim.Optimizer):
                     kernels["chain"], layout, keys, k, self.skip_nonfinite, extra_keys, static, device)
             extras = [tuple(b.extras[e][i].detach() for e in extra_keys) for i in idx] if extra_keys else None
             try:
-                for i, key, buf in encoded:  # this call's 8-bit states, decoded into the buffers
-                    b.state[key][i].decode_into(buf)
+                quant.decode_all([(b.state[key][i], buf) for i, key, buf in encoded])  # this call's 8-bit states
                 out, skipped = kernels[(k, extra_keys, static, device)](
                     flat_params, [fused_mod.kernel_view(b.grads[i].contiguous(), targets[i]) for i in idx], flat_states,
                     numbers[done:done + k].clone(), extras)  # a fresh tensor: no storage offset to guard on
                 done += k  # the call wrote its tensors: from here an error must not lead to an eager retry
-                for i, key, buf in encoded:
-                    b.state[key][i].encode_from(buf)
+                quant.encode_all([(b.state[key][i], buf) for i, key, buf in encoded])
             except Exception as exc:
                 exc.hina_tensors_done = done  # type: ignore[attr-defined]
                 raise

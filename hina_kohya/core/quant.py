@@ -12,9 +12,18 @@
   Tensors under ``min_quant_numel`` elements (4096 by default) stay in the compute dtype.
 
 The 8-bit maps are built here (``dynamic_map``) and passed to bitsandbytes explicitly, so the codes
-mean the same with the bitsandbytes kernels and with the pure-torch fallback: a checkpoint written
-on one loads on the other. bitsandbytes is used when it imports and handles the device; otherwise
-the pure-torch store is used, with one warning.
+mean the same with the bitsandbytes kernels and with the pure-torch codec: a checkpoint written
+with one loads with the other.
+
+Who encodes and decodes (``quant_backend``): ``"auto"`` uses bitsandbytes' kernels on accelerators
+and the pure-torch *lookup codec* on the CPU; ``"bitsandbytes"`` uses bitsandbytes everywhere,
+``"torch"`` the lookup codec everywhere. Where bitsandbytes does not import or run, the lookup codec
+is used, with one warning. The lookup codec (``lookup_encode`` / ``lookup_decode``, compiled with
+torch.compile, several states per call) finds each scaled value's nearest map entry from the
+float's exponent and top 8 mantissa bits -- one table read and one comparison -- instead of a
+search over the map: the nearest-value codes of ``torch.bucketize`` over the map's midpoints,
+bit for bit. On the 2-core CPU it encodes at ~1.0 ns per element against bitsandbytes' 4.6 ns
+(docs/BENCHMARKS.md). Where it cannot compile, bitsandbytes (or the lookup run eagerly) takes over.
 
 Layout in ``optimizer.state[p]`` for an 8-bit state ``key``: ``key`` holds uint8 codes with the
 parameter's shape and ``key + ".absmax"`` the fp32 block maxima (shape ``[ceil(numel / 256)]``).
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import types
 import warnings
 import zlib
 from typing import Any, Optional
@@ -61,25 +71,130 @@ def dynamic_map(signed: bool) -> Tensor:
     return torch.sort(table).values
 
 
+#: The encoder's lookup buckets: the magnitudes whose float32 bits agree above bit ``_SHIFT``
+#: (same exponent, same top ``23 - _SHIFT`` mantissa bits), from 2**-24 (every smaller magnitude
+#: falls in the first bucket; the smallest midpoint of either map is ~2.7e-7 = 2**-21.8) to 1.0.
+#: A bucket spans a relative width of 2**-8 = 0.39 %, under the narrowest relative spacing of
+#: either map's entries (0.9 / 128 = 0.7 % at the top of the unsigned map), so it holds at most
+#: one midpoint between entries (checked when the tables are built).
+_SHIFT = 15
+_LOOKUP_FLOOR = 2.0 ** -24
+
+
+def _float_bits(x: float) -> int:
+    return int(torch.tensor(x, dtype=torch.float32).view(torch.int32))
+
+
+_LOOKUP_FIRST = _float_bits(_LOOKUP_FLOOR) >> _SHIFT
+_LOOKUP_BUCKETS = (_float_bits(1.0) >> _SHIFT) - _LOOKUP_FIRST + 1
+
+
+def lookup_tables(signed: bool) -> tuple[Tensor, Tensor]:
+    """The encoder's tables over ``2 * _LOOKUP_BUCKETS`` buckets (positive values, then negative):
+    ``base`` (int32), the number of map midpoints below the bucket's smallest value, and ``above``
+    (fp32), the one midpoint inside the bucket (+inf if none). For a scaled value ``s`` in bucket
+    ``b`` the nearest map entry's code -- the number of midpoints below ``s``, as
+    ``torch.bucketize(s, midpoints)`` counts them -- is ``base[b] + (s > above[b])``."""
+    table = dynamic_map(signed)
+    mids = (table[1:] + table[:-1]) / 2
+    u = torch.arange(_LOOKUP_FIRST, _LOOKUP_FIRST + _LOOKUP_BUCKETS, dtype=torch.int64)
+    low = (u << _SHIFT).to(torch.int32).view(torch.float32).clone()
+    high = (((u + 1) << _SHIFT) - 1).to(torch.int32).view(torch.float32)
+    low[0] = 0.0  # the first bucket holds every magnitude below the floor
+    bases, aboves = [], []
+    for lo, hi in ((low, high), (-high, -low)):  # each bucket's value range [lo, hi]
+        below_lo = torch.searchsorted(mids, lo)  # midpoints < lo
+        below_hi = torch.searchsorted(mids, hi)  # midpoints < hi
+        if int((below_hi - below_lo).max()) > 1:
+            raise AssertionError("an encoder lookup bucket holds two midpoints: lower _SHIFT")
+        inside = mids[below_lo.clamp_max(mids.numel() - 1)]
+        aboves.append(torch.where(below_hi > below_lo, inside, torch.full_like(inside, float("inf"))))
+        bases.append(below_lo.to(torch.int32))
+    return torch.cat(bases), torch.cat(aboves)
+
+
+def lookup_encode(blocks: Tensor, base: Tensor, above: Tensor, codes: Tensor, absmax: Tensor) -> None:
+    """Blockwise encode by table lookup (``lookup_tables``): ``blocks`` ``[n_blocks, BLOCK]`` fp32
+    in; its codes (uint8, same shape) and block maxima ``[n_blocks]`` written into ``codes`` and
+    ``absmax``. Elementwise after one reduction per block, so torch.compile fuses it into two
+    loops with no search."""
+    peak = blocks.abs().amax(dim=1)
+    scaled = blocks / peak.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+    bucket = ((scaled.abs().view(torch.int32) >> _SHIFT) - _LOOKUP_FIRST).clamp(0, _LOOKUP_BUCKETS - 1)
+    bucket = bucket + torch.where(scaled < 0, _LOOKUP_BUCKETS, 0)
+    codes.copy_((base[bucket] + (scaled > above[bucket]).to(torch.int32)).to(torch.uint8))
+    absmax.copy_(peak)
+
+
+def lookup_decode(codes: Tensor, table: Tensor, absmax: Tensor, out: Tensor) -> None:
+    """Blockwise decode: ``codes`` ``[n_blocks, BLOCK]`` uint8 and ``absmax`` ``[n_blocks]`` to
+    ``out`` (fp32, same shape, written): ``table[codes] * absmax``, as bitsandbytes computes it."""
+    out.copy_(table[codes.long()] * absmax.unsqueeze(1))
+
+
+def _encode_many(flats: list, base: Tensor, above: Tensor, codes: list, absmax: list) -> None:
+    """``lookup_encode`` of several states: ``flats`` 1-D fp32, ``codes`` 1-D uint8 and ``absmax``
+    ``[ceil(n / BLOCK)]`` written. Each state's whole blocks go as one ``[n // BLOCK, BLOCK]``
+    matrix, its last partial block as a ``[1, n % BLOCK]`` one (its maximum is the block's)."""
+    for j in range(len(flats)):  # unrolled by dynamo: one compiled call for the list
+        x, c, a = flats[j], codes[j], absmax[j]
+        full = x.shape[0] // BLOCK * BLOCK
+        if full > 0:
+            lookup_encode(x[:full].view(-1, BLOCK), base, above, c[:full].view(-1, BLOCK), a[:full // BLOCK])
+        if full < x.shape[0]:
+            lookup_encode(x[full:].view(1, -1), base, above, c[full:].view(1, -1), a[full // BLOCK:])
+
+
+def _decode_many(codes: list, table: Tensor, absmax: list, out: list) -> None:
+    """``lookup_decode`` of several states, laid out as ``_encode_many``'s."""
+    for j in range(len(codes)):
+        c, a, o = codes[j], absmax[j], out[j]
+        full = c.shape[0] // BLOCK * BLOCK
+        if full > 0:
+            lookup_decode(c[:full].view(-1, BLOCK), table, a[:full // BLOCK], o[:full].view(-1, BLOCK))
+        if full < c.shape[0]:
+            lookup_decode(c[full:].view(1, -1), table, a[full // BLOCK:], o[full:].view(1, -1))
+
+
+_COMPILED: dict[tuple[str, int], Any] = {}
+
+
+def _flat(tensors: list[Tensor]) -> list[Tensor]:
+    """1-D aliases for the codec. ``view(...).detach()`` is not a view object: dynamo would
+    otherwise guard on each alias's base (the kernel buffers' shapes) and recompile per base,
+    past its limit of 8 variants."""
+    return [t.detach().view(-1).detach() for t in tensors]
+
+
+def _compiled(fn: Any, count: int) -> Any:
+    """``fn`` (``_encode_many`` / ``_decode_many``) compiled for lists of ``count`` states. Each
+    count gets a code object of its own: dynamo keeps at most 8 compiled variants per code object
+    (here: per pattern of whole and partial blocks in the list) and runs eagerly past that."""
+    key = (fn.__name__, count)
+    if key not in _COMPILED:
+        code = fn.__code__.replace(co_name=f"hina{fn.__name__}_{count}")
+        _COMPILED[key] = torch.compile(types.FunctionType(code, fn.__globals__, code.co_name), dynamic=True)
+    return _COMPILED[key]
+
+
 class _Codebook:
-    """Per-device caches of the two maps and of their midpoints (for the pure-torch search)."""
+    """Per-device caches of the two maps and of the encoder's lookup tables."""
 
     def __init__(self) -> None:
         self._maps: dict[tuple[bool, torch.device], Tensor] = {}
-        self._mids: dict[tuple[bool, torch.device], Tensor] = {}
+        self._lookups: dict[tuple[bool, torch.device], tuple[Tensor, Tensor]] = {}
+
+    def lookup(self, signed: bool, device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (signed, device)
+        if key not in self._lookups:
+            self._lookups[key] = tuple(t.to(device) for t in lookup_tables(signed))  # type: ignore[assignment]
+        return self._lookups[key]
 
     def map(self, signed: bool, device: torch.device) -> Tensor:
         key = (signed, device)
         if key not in self._maps:
             self._maps[key] = dynamic_map(signed).to(device)
         return self._maps[key]
-
-    def mids(self, signed: bool, device: torch.device) -> Tensor:
-        key = (signed, device)
-        if key not in self._mids:
-            m = self.map(signed, device)
-            self._mids[key] = (m[1:] + m[:-1]) / 2
-        return self._mids[key]
 
 
 _CODEBOOK = _Codebook()
@@ -106,6 +221,7 @@ class Quantizer:
         if backend == "bitsandbytes" and self._bnb is None:
             raise ImportError("quant backend 'bitsandbytes' requested but bitsandbytes does not import")
         self._bnb_ok: dict[str, bool] = {}
+        self._compiled_ok: dict[str, bool] = {}  # does the compiled lookup encoder run, per device type
         self._warned = False
 
     def backend_for(self, device: torch.device) -> str:
@@ -147,58 +263,98 @@ class Quantizer:
         code = _CODEBOOK.map(signed, codes.device)
         return self._bnb.dequantize_blockwise(codes, absmax=absmax, code=code, blocksize=BLOCK)
 
-    # -- pure torch --------------------------------------------------------------------------
-    @staticmethod
-    def _encode_torch(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
-        flat = x.reshape(-1).float()
-        n = flat.numel()
-        nblocks = max(1, math.ceil(n / BLOCK))
-        padded = torch.nn.functional.pad(flat, (0, nblocks * BLOCK - n)).view(nblocks, BLOCK)
-        absmax = padded.abs().amax(dim=1)
-        normed = padded / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-        codes = torch.bucketize(normed, _CODEBOOK.mids(signed, x.device))
-        return codes.view(-1)[:n].to(torch.uint8).view(x.shape), absmax
+    # -- the lookup codec (pure torch) -------------------------------------------------------
+    def _lookup_here(self, device: torch.device) -> bool:
+        """Does this quantizer encode and decode with the lookup codec on ``device``? ``"auto"``:
+        on the CPU (faster than bitsandbytes' CPU kernels, module docstring) and where
+        bitsandbytes does not run; ``"torch"``: everywhere; ``"bitsandbytes"``: nowhere."""
+        if self.requested == "bitsandbytes":
+            return False
+        return device.type == "cpu" or self.backend_for(device) != "bitsandbytes"
 
-    @staticmethod
-    def _decode_torch(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
-        table = _CODEBOOK.map(signed, codes.device)
-        n = codes.numel()
-        vals = table[codes.reshape(-1).long()]
-        nblocks = absmax.numel()
-        vals = torch.nn.functional.pad(vals, (0, nblocks * BLOCK - n)).view(nblocks, BLOCK)
-        return (vals * absmax.unsqueeze(1)).view(-1)[:n].view(codes.shape)
+    def codec_for(self, device: torch.device) -> str:
+        """What encodes and decodes 8-bit state on ``device``: "bitsandbytes" or "torch lookup"."""
+        return "torch lookup" if self._lookup_here(device) else "bitsandbytes"
+
+    def _run_compiled(self, fn: Any, device: torch.device, *args: Any) -> bool:
+        """One compiled call of ``fn`` over the states in ``args``; False (nothing written) where
+        the codec does not compile (no C++ compiler, an unsupported platform): the callers then
+        use bitsandbytes or run ``fn`` eagerly. A failure after it has compiled is raised."""
+        if self._compiled_ok.get(device.type) is False:
+            return False
+        try:
+            _compiled(fn, len(args[0]))(*args)
+        except Exception as exc:
+            if self._compiled_ok.get(device.type):
+                raise
+            self._compiled_ok[device.type] = False
+            log.info("8-bit state: the compiled codec is unavailable on %s (%s: %s); encoding and decoding without it",
+                     device.type, type(exc).__name__, str(exc)[:200])
+            return False
+        self._compiled_ok[device.type] = True
+        return True
 
     # -- public ------------------------------------------------------------------------------
     def encode(self, x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
-        if self.backend_for(x.device) == "bitsandbytes":
-            return self._encode_bnb(x.float(), signed)
-        return self._encode_torch(x, signed)
+        codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+        absmax = torch.empty(max(1, math.ceil(x.numel() / BLOCK)), dtype=torch.float32, device=x.device)
+        self.encode_into(x, signed, codes, absmax)
+        return codes, absmax
 
     def encode_into(self, x: Tensor, signed: bool, codes: Tensor, absmax: Tensor) -> None:
-        if self.backend_for(x.device) == "bitsandbytes":
-            self._encode_bnb(x.float(), signed, codes=codes, absmax=absmax)
+        """Encode ``x`` into ``codes`` (uint8, contiguous, ``x``'s element count) and ``absmax``."""
+        self.encode_many([x], signed, [codes], [absmax])
+
+    def encode_many(self, xs: list[Tensor], signed: bool, codes: list[Tensor], absmax: list[Tensor]) -> None:
+        """``encode_into`` for several states of one map, in one compiled call where the lookup
+        codec applies (a call per state costs more than encoding a LoRA factor)."""
+        if not xs:
             return
-        c, a = self._encode_torch(x, signed)
-        codes.copy_(c)
-        absmax.copy_(a)
+        device = xs[0].device
+        bnb = self.backend_for(device) == "bitsandbytes"
+        if self._lookup_here(device):
+            args = (_flat([x.float().contiguous() for x in xs]), *_CODEBOOK.lookup(signed, device), _flat(codes),
+                    absmax)
+            if self._run_compiled(_encode_many, device, *args):
+                return
+            if not bnb:
+                _encode_many(*args)
+                return
+        for x, c, a in zip(xs, codes, absmax):
+            self._encode_bnb(x.float().view(c.shape), signed, codes=c, absmax=a)
 
     def decode(self, codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
-        if self.backend_for(codes.device) == "bitsandbytes":
-            return self._decode_bnb(codes, absmax, signed).view(codes.shape)
-        return self._decode_torch(codes, absmax, signed)
+        out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+        self.decode_into(codes, absmax, signed, out)
+        return out
 
     def decode_into(self, codes: Tensor, absmax: Tensor, signed: bool, out: Tensor) -> None:
-        """Decode into ``out`` (fp32, contiguous, ``codes.numel()`` elements). bitsandbytes' CPU
-        backend has no ``out=`` variant, so the decoded tensor is copied: one tensor's worth of
-        temporary memory at a time."""
-        out.view(codes.shape).copy_(self.decode(codes, absmax, signed))
+        """Decode into ``out`` (fp32, contiguous, ``codes.numel()`` elements)."""
+        self.decode_many([codes], [absmax], signed, [out])
+
+    def decode_many(self, codes: list[Tensor], absmax: list[Tensor], signed: bool, out: list[Tensor]) -> None:
+        """``decode_into`` for several states of one map, batched as ``encode_many``.
+        bitsandbytes' CPU backend has no ``out=`` variant: its decode is copied into ``out``."""
+        if not codes:
+            return
+        device = codes[0].device
+        bnb = self.backend_for(device) == "bitsandbytes"
+        if self._lookup_here(device):
+            args = (_flat(codes), _CODEBOOK.map(signed, device), absmax, _flat(out))
+            if self._run_compiled(_decode_many, device, *args):
+                return
+            if not bnb:
+                _decode_many(*args)
+                return
+        for c, a, o in zip(codes, absmax, out):
+            o.view(c.shape).copy_(self._decode_bnb(c, a, signed).view(c.shape))
 
 
 class Encoded:
     """An 8-bit state of this step, not decoded yet (``StateStore.read(..., lazy=True)``).
 
-    The fused path decodes it one kernel call at a time into a reusable buffer (``decode_into``)
-    and encodes the result back into the same codes and block maxima (``encode_from``), so a
+    The fused path decodes it one kernel call at a time into a reusable buffer (``decode_all``)
+    and encodes the result back into the same codes and block maxima (``encode_all``), so a
     step never holds a whole 8-bit state in fp32 (which would make the step's peak memory
     larger than with fp32 state). ``decode()`` gives a fresh tensor for the other paths.
     """
@@ -218,12 +374,28 @@ class Encoded:
     def decode(self) -> Tensor:
         return self.quantizer.decode(self.codes, self.absmax, self.signed).to(self.dtype)
 
-    def decode_into(self, out: Tensor) -> None:
-        """``out``: a contiguous buffer of ``numel()`` elements in the compute dtype (fp32)."""
-        self.quantizer.decode_into(self.codes, self.absmax, self.signed, out)
 
-    def encode_from(self, value: Tensor) -> None:
-        self.quantizer.encode_into(value.view(self.codes.shape), self.signed, self.codes, self.absmax)
+def _by_map(pairs: list[tuple[Encoded, Tensor]]) -> dict[tuple[int, bool], list[tuple[Encoded, Tensor]]]:
+    groups: dict[tuple[int, bool], list[tuple[Encoded, Tensor]]] = {}
+    for handle, buf in pairs:
+        groups.setdefault((id(handle.quantizer), handle.signed), []).append((handle, buf))
+    return groups
+
+
+def decode_all(pairs: list[tuple[Encoded, Tensor]]) -> None:
+    """Decode each handle into its buffer (a contiguous fp32 tensor of its size), the handles of one quantizer
+    and map in one batched call (``Quantizer.decode_many``)."""
+    for group in _by_map(pairs).values():
+        q, signed = group[0][0].quantizer, group[0][0].signed
+        q.decode_many([h.codes for h, _ in group], [h.absmax for h, _ in group], signed, [buf for _, buf in group])
+
+
+def encode_all(pairs: list[tuple[Encoded, Tensor]]) -> None:
+    """Encode each buffer back into its handle's codes and block maxima,
+    batched as ``decode_all``."""
+    for group in _by_map(pairs).values():
+        q, signed = group[0][0].quantizer, group[0][0].signed
+        q.encode_many([buf for _, buf in group], signed, [h.codes for h, _ in group], [h.absmax for h, _ in group])
 
 
 def stored_tensor(view: Any) -> Any:
@@ -312,7 +484,7 @@ class StateStore:
 
     def write(self, state: dict, spec: StateSpec, value: Tensor, step: int, index: int) -> None:
         """Store ``value`` (the tensor returned by ``read``, updated in place) back. An
-        ``Encoded`` handle was written back by ``encode_from`` where it was used."""
+        ``Encoded`` handle was written back by ``encode_all`` where it was used."""
         stored = state[spec.key]
         if value is stored or isinstance(value, Encoded):
             return
