@@ -76,7 +76,8 @@ def report(sd_scripts: Optional[str] = None, network_module: Optional[str] = Non
             ("torch", f"{torch.__version__} (CUDA {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'})")]
     bnb = _version("bitsandbytes")
     rows.append(("bitsandbytes", f"{bnb}; 8-bit state backend {bitsandbytes_backend()}" if bnb
-                 else "not installed: 8-bit state uses the pure-torch fallback (pip install bitsandbytes)"))
+                 else "not installed: 8-bit state uses the torch lookup codec everywhere, the CPU's default anyway "
+                      "(pip install bitsandbytes for its GPU kernels)"))
     for dist, why in (("lycoris-lora", "needed by hina_kohya.networks.lycoris"), ("accelerate", "sd-scripts' trainer"),
                       ("diffusers", "the demo"), ("transformers", "benchmarks")):
         v = _version(dist)

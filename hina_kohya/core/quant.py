@@ -73,10 +73,10 @@ def dynamic_map(signed: bool) -> Tensor:
 
 #: The encoder's lookup buckets: the magnitudes whose float32 bits agree above bit ``_SHIFT``
 #: (same exponent, same top ``23 - _SHIFT`` mantissa bits), from 2**-24 (every smaller magnitude
-#: falls in the first bucket; the smallest midpoint of either map is ~2.7e-7 = 2**-21.8) to 1.0.
-#: A bucket spans a relative width of 2**-8 = 0.39 %, under the narrowest relative spacing of
-#: either map's entries (0.9 / 128 = 0.7 % at the top of the unsigned map), so it holds at most
-#: one midpoint between entries (checked when the tables are built).
+#: falls in the first bucket; the smallest midpoint between entries of either map is ~1.6e-7 =
+#: 2**-22.6) to 1.0. A bucket spans a relative width of 2**-8 = 0.39 %, under the narrowest
+#: relative spacing of consecutive midpoints (0.53 %, near the top of the unsigned map), so it
+#: holds at most one midpoint (checked when the tables are built).
 _SHIFT = 15
 _LOOKUP_FLOOR = 2.0 ** -24
 
@@ -91,8 +91,9 @@ _LOOKUP_BUCKETS = (_float_bits(1.0) >> _SHIFT) - _LOOKUP_FIRST + 1
 
 def lookup_tables(signed: bool) -> tuple[Tensor, Tensor]:
     """The encoder's tables over ``2 * _LOOKUP_BUCKETS`` buckets (positive values, then negative):
-    ``base`` (int32), the number of map midpoints below the bucket's smallest value, and ``above``
-    (fp32), the one midpoint inside the bucket (+inf if none). For a scaled value ``s`` in bucket
+    ``base`` (int32), the number of map midpoints below the bucket's smallest value ``lo``, and
+    ``above`` (fp32), the one midpoint in ``[lo, hi)`` (+inf if none; a midpoint equal to the
+    bucket's largest value ``hi`` counts only for values above ``hi``, in the next bucket). For a scaled value ``s`` in bucket
     ``b`` the nearest map entry's code -- the number of midpoints below ``s``, as
     ``torch.bucketize(s, midpoints)`` counts them -- is ``base[b] + (s > above[b])``."""
     table = dynamic_map(signed)
@@ -156,7 +157,7 @@ def _decode_many(codes: list, table: Tensor, absmax: list, out: list) -> None:
             lookup_decode(c[full:].view(1, -1), table, a[full // BLOCK:], o[full:].view(1, -1))
 
 
-_COMPILED: dict[tuple[str, int], Any] = {}
+_COMPILED: dict[tuple, Any] = {}
 
 
 def _flat(tensors: list[Tensor]) -> list[Tensor]:
@@ -166,13 +167,22 @@ def _flat(tensors: list[Tensor]) -> list[Tensor]:
     return [t.detach().view(-1).detach() for t in tensors]
 
 
-def _compiled(fn: Any, count: int) -> Any:
-    """``fn`` (``_encode_many`` / ``_decode_many``) compiled for lists of ``count`` states. Each
-    count gets a code object of its own: dynamo keeps at most 8 compiled variants per code object
-    (here: per pattern of whole and partial blocks in the list) and runs eagerly past that."""
-    key = (fn.__name__, count)
+def _variant(fn: Any, device: torch.device, args: tuple) -> tuple:
+    """What a compiled codec call is specialised on besides the sizes: the function, the device
+    type, the number of states and, per state, which of its block groups exist and which have
+    one row or one column (dynamo specialises dimensions of size 1). One code object per
+    variant: dynamo keeps at most 8 compiled variants per code object and runs eagerly past
+    that, which a shared one could reach on a model with many shapes."""
+    sizes = tuple(t.shape[0] for t in args[0])
+    return (fn.__name__, device.type, tuple((n // BLOCK == 0, n // BLOCK == 1, n % BLOCK == 0, n % BLOCK == 1)
+                                            for n in sizes))
+
+
+def _compiled(key: tuple) -> Any:
+    """``_encode_many`` / ``_decode_many`` compiled for one ``_variant``."""
     if key not in _COMPILED:
-        code = fn.__code__.replace(co_name=f"hina{fn.__name__}_{count}")
+        fn = {"_encode_many": _encode_many, "_decode_many": _decode_many}[key[0]]
+        code = fn.__code__.replace(co_name=f"hina{fn.__name__}_{len(_COMPILED)}")
         _COMPILED[key] = torch.compile(types.FunctionType(code, fn.__globals__, code.co_name), dynamic=True)
     return _COMPILED[key]
 
@@ -211,7 +221,7 @@ def _bnb_functional():
 
 
 class Quantizer:
-    """Blockwise 8-bit encode/decode with bitsandbytes, falling back to pure torch."""
+    """Blockwise 8-bit encode/decode: bitsandbytes' kernels or the lookup codec (module docstring)."""
 
     def __init__(self, backend: str = "auto") -> None:
         if backend not in ("auto", "bitsandbytes", "torch"):
@@ -221,7 +231,8 @@ class Quantizer:
         if backend == "bitsandbytes" and self._bnb is None:
             raise ImportError("quant backend 'bitsandbytes' requested but bitsandbytes does not import")
         self._bnb_ok: dict[str, bool] = {}
-        self._compiled_ok: dict[str, bool] = {}  # does the compiled lookup encoder run, per device type
+        self._broken: set[tuple] = set()  # compiled codec variants that failed (``_run_compiled``)
+        self._compile_failed: dict[str, bool] = {}  # per device type: has any compiled variant failed
         self._warned = False
 
     def backend_for(self, device: torch.device) -> str:
@@ -249,7 +260,7 @@ class Quantizer:
 
     def _warn_once(self, why: str) -> None:
         if not self._warned and self.requested != "torch":
-            warnings.warn(f"hina_kohya 8-bit state: {why}; using the pure-torch blockwise store", stacklevel=4)
+            warnings.warn(f"hina_kohya 8-bit state: {why}; using the pure-torch lookup codec", stacklevel=4)
         self._warned = True
 
     # -- bitsandbytes ------------------------------------------------------------------------
@@ -267,37 +278,44 @@ class Quantizer:
     def _lookup_here(self, device: torch.device) -> bool:
         """Does this quantizer encode and decode with the lookup codec on ``device``? ``"auto"``:
         on the CPU (faster than bitsandbytes' CPU kernels, module docstring) and where
-        bitsandbytes does not run; ``"torch"``: everywhere; ``"bitsandbytes"``: nowhere."""
-        if self.requested == "bitsandbytes":
-            return False
-        return device.type == "cpu" or self.backend_for(device) != "bitsandbytes"
+        bitsandbytes does not run; ``"torch"``: everywhere; ``"bitsandbytes"``: where it runs."""
+        if self.requested == "auto" and device.type == "cpu":
+            return True
+        return self.backend_for(device) != "bitsandbytes"
 
     def codec_for(self, device: torch.device) -> str:
-        """What encodes and decodes 8-bit state on ``device``: "bitsandbytes" or "torch lookup"."""
-        return "torch lookup" if self._lookup_here(device) else "bitsandbytes"
+        """What encodes and decodes 8-bit state on ``device``: "bitsandbytes", "torch lookup"
+        (compiled), or, once a compiled variant has failed there, what takes its place."""
+        if not self._lookup_here(device):
+            return "bitsandbytes"
+        if not self._compile_failed.get(device.type):
+            return "torch lookup"
+        return "bitsandbytes" if self.backend_for(device) == "bitsandbytes" else "torch lookup, eager"
 
     def _run_compiled(self, fn: Any, device: torch.device, *args: Any) -> bool:
-        """One compiled call of ``fn`` over the states in ``args``; False (nothing written) where
-        the codec does not compile (no C++ compiler, an unsupported platform): the callers then
-        use bitsandbytes or run ``fn`` eagerly. A failure after it has compiled is raised."""
-        if self._compiled_ok.get(device.type) is False:
+        """One compiled call of ``fn`` over the states in ``args``; False where that compiled
+        variant failed (no C++ compiler, an unsupported platform, a failed recompile): the
+        callers then use bitsandbytes or run ``fn`` eagerly. Safe at any time, as the codec
+        never writes its inputs: a rerun recomputes every output. A variant that failed once is
+        not tried again (the others are)."""
+        key = _variant(fn, device, args)
+        if key in self._broken:
             return False
         try:
-            _compiled(fn, len(args[0]))(*args)
+            with torch.no_grad():  # one grad mode: a resume decodes with grad enabled, a step without
+                _compiled(key)(*args)
         except Exception as exc:
-            if self._compiled_ok.get(device.type):
-                raise
-            self._compiled_ok[device.type] = False
-            log.info("8-bit state: the compiled codec is unavailable on %s (%s: %s); encoding and decoding without it",
+            self._broken.add(key)
+            self._compile_failed[device.type] = True
+            log.info("8-bit state: a compiled codec variant failed on %s (%s: %s); it runs without compiling",
                      device.type, type(exc).__name__, str(exc)[:200])
             return False
-        self._compiled_ok[device.type] = True
         return True
 
     # -- public ------------------------------------------------------------------------------
     def encode(self, x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
         codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-        absmax = torch.empty(max(1, math.ceil(x.numel() / BLOCK)), dtype=torch.float32, device=x.device)
+        absmax = torch.zeros(max(1, math.ceil(x.numel() / BLOCK)), dtype=torch.float32, device=x.device)
         self.encode_into(x, signed, codes, absmax)
         return codes, absmax
 
@@ -311,17 +329,16 @@ class Quantizer:
         if not xs:
             return
         device = xs[0].device
-        bnb = self.backend_for(device) == "bitsandbytes"
         if self._lookup_here(device):
             args = (_flat([x.float().contiguous() for x in xs]), *_CODEBOOK.lookup(signed, device), _flat(codes),
                     absmax)
             if self._run_compiled(_encode_many, device, *args):
                 return
-            if not bnb:
+            if self.backend_for(device) != "bitsandbytes":
                 _encode_many(*args)
                 return
         for x, c, a in zip(xs, codes, absmax):
-            self._encode_bnb(x.float().view(c.shape), signed, codes=c, absmax=a)
+            self._encode_bnb(x.float().reshape(c.shape), signed, codes=c, absmax=a)
 
     def decode(self, codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
         out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
@@ -338,12 +355,11 @@ class Quantizer:
         if not codes:
             return
         device = codes[0].device
-        bnb = self.backend_for(device) == "bitsandbytes"
         if self._lookup_here(device):
             args = (_flat(codes), _CODEBOOK.map(signed, device), absmax, _flat(out))
             if self._run_compiled(_decode_many, device, *args):
                 return
-            if not bnb:
+            if self.backend_for(device) != "bitsandbytes":
                 _decode_many(*args)
                 return
         for c, a, o in zip(codes, absmax, out):
