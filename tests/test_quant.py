@@ -166,10 +166,10 @@ def test_a_codec_variant_failing_after_others_compiled_falls_back_for_itself_onl
     def broken(*args):
         raise RuntimeError("a recompile failed")
 
-    monkeypatch.setattr(quant, "_compiled", lambda key: broken if key[0] == "_decode_many" else original(key))
+    monkeypatch.setattr(quant, "_compiled", lambda key: broken if key[0] is quant._decode_many else original(key))
     codes, absmax = q.encode(x, True)
     decoded = q.decode(codes, absmax, True)
-    assert [k[0] for k in q._broken] == ["_decode_many"]
+    assert [k[0] for k in q._broken] == [quant._decode_many]
     assert torch.equal(codes, _nearest_codes(x, True)[0])
     assert torch.equal(decoded, dynamic_map(True)[codes.long()] * absmax.repeat_interleave(quant.BLOCK))
 

@@ -133,28 +133,30 @@ def lookup_decode(codes: Tensor, table: Tensor, absmax: Tensor, out: Tensor) -> 
     out.copy_(table[codes.long()] * absmax.unsqueeze(1))
 
 
+def _block_groups(n: int) -> list[tuple[int, int, tuple[int, int]]]:
+    """How the codec takes a state of ``n`` values: ``(start, stop, matrix shape)`` of its whole
+    blocks as one ``[n // BLOCK, BLOCK]`` matrix and of its last partial block as a
+    ``[1, n % BLOCK]`` one (that block's maximum is the row's). Block maxima ``start // BLOCK``
+    to ``ceil(stop / BLOCK)`` belong to each."""
+    full = n // BLOCK * BLOCK
+    return ([(0, full, (-1, BLOCK))] if full > 0 else []) + ([(full, n, (1, -1))] if full < n else [])
+
+
 def _encode_many(flats: list, base: Tensor, above: Tensor, codes: list, absmax: list) -> None:
-    """``lookup_encode`` of several states: ``flats`` 1-D fp32, ``codes`` 1-D uint8 and ``absmax``
-    ``[ceil(n / BLOCK)]`` written. Each state's whole blocks go as one ``[n // BLOCK, BLOCK]``
-    matrix, its last partial block as a ``[1, n % BLOCK]`` one (its maximum is the block's)."""
+    """``lookup_encode`` of several states: ``flats`` 1-D fp32 in; ``codes`` 1-D uint8 and
+    ``absmax`` ``[ceil(n / BLOCK)]`` written (``_block_groups``)."""
     for j in range(len(flats)):  # unrolled by dynamo: one compiled call for the list
-        x, c, a = flats[j], codes[j], absmax[j]
-        full = x.shape[0] // BLOCK * BLOCK
-        if full > 0:
-            lookup_encode(x[:full].view(-1, BLOCK), base, above, c[:full].view(-1, BLOCK), a[:full // BLOCK])
-        if full < x.shape[0]:
-            lookup_encode(x[full:].view(1, -1), base, above, c[full:].view(1, -1), a[full // BLOCK:])
+        for lo, hi, shape in _block_groups(flats[j].shape[0]):
+            lookup_encode(flats[j][lo:hi].view(shape), base, above, codes[j][lo:hi].view(shape),
+                          absmax[j][lo // BLOCK:(hi + BLOCK - 1) // BLOCK])
 
 
 def _decode_many(codes: list, table: Tensor, absmax: list, out: list) -> None:
     """``lookup_decode`` of several states, laid out as ``_encode_many``'s."""
     for j in range(len(codes)):
-        c, a, o = codes[j], absmax[j], out[j]
-        full = c.shape[0] // BLOCK * BLOCK
-        if full > 0:
-            lookup_decode(c[:full].view(-1, BLOCK), table, a[:full // BLOCK], o[:full].view(-1, BLOCK))
-        if full < c.shape[0]:
-            lookup_decode(c[full:].view(1, -1), table, a[full // BLOCK:], o[full:].view(1, -1))
+        for lo, hi, shape in _block_groups(codes[j].shape[0]):
+            lookup_decode(codes[j][lo:hi].view(shape), table, absmax[j][lo // BLOCK:(hi + BLOCK - 1) // BLOCK],
+                          out[j][lo:hi].view(shape))
 
 
 _COMPILED: dict[tuple, Any] = {}
@@ -174,14 +176,14 @@ def _variant(fn: Any, device: torch.device, args: tuple) -> tuple:
     variant: dynamo keeps at most 8 compiled variants per code object and runs eagerly past
     that, which a shared one could reach on a model with many shapes."""
     sizes = tuple(t.shape[0] for t in args[0])
-    return (fn.__name__, device.type, tuple((n // BLOCK == 0, n // BLOCK == 1, n % BLOCK == 0, n % BLOCK == 1)
+    return (fn, device.type, tuple((n // BLOCK == 0, n // BLOCK == 1, n % BLOCK == 0, n % BLOCK == 1)
                                             for n in sizes))
 
 
 def _compiled(key: tuple) -> Any:
-    """``_encode_many`` / ``_decode_many`` compiled for one ``_variant``."""
+    """``_encode_many`` / ``_decode_many`` (``key[0]``) compiled for one ``_variant``."""
     if key not in _COMPILED:
-        fn = {"_encode_many": _encode_many, "_decode_many": _decode_many}[key[0]]
+        fn = key[0]
         code = fn.__code__.replace(co_name=f"hina{fn.__name__}_{len(_COMPILED)}")
         _COMPILED[key] = torch.compile(types.FunctionType(code, fn.__globals__, code.co_name), dynamic=True)
     return _COMPILED[key]
@@ -231,8 +233,7 @@ class Quantizer:
         if backend == "bitsandbytes" and self._bnb is None:
             raise ImportError("quant backend 'bitsandbytes' requested but bitsandbytes does not import")
         self._bnb_ok: dict[str, bool] = {}
-        self._broken: set[tuple] = set()  # compiled codec variants that failed (``_run_compiled``)
-        self._compile_failed: dict[str, bool] = {}  # per device type: has any compiled variant failed
+        self._broken: set[tuple] = set()  # compiled codec variants (``_variant``) that failed
         self._warned = False
 
     def backend_for(self, device: torch.device) -> str:
@@ -288,28 +289,31 @@ class Quantizer:
         (compiled), or, once a compiled variant has failed there, what takes its place."""
         if not self._lookup_here(device):
             return "bitsandbytes"
-        if not self._compile_failed.get(device.type):
+        if not any(key[1] == device.type for key in self._broken):
             return "torch lookup"
         return "bitsandbytes" if self.backend_for(device) == "bitsandbytes" else "torch lookup, eager"
 
-    def _run_compiled(self, fn: Any, device: torch.device, *args: Any) -> bool:
-        """One compiled call of ``fn`` over the states in ``args``; False where that compiled
-        variant failed (no C++ compiler, an unsupported platform, a failed recompile): the
-        callers then use bitsandbytes or run ``fn`` eagerly. Safe at any time, as the codec
-        never writes its inputs: a rerun recomputes every output. A variant that failed once is
-        not tried again (the others are)."""
+    def _run_lookup(self, fn: Any, device: torch.device, *args: Any) -> bool:
+        """Run ``fn`` (``_encode_many`` / ``_decode_many``) over the states in ``args`` if the
+        lookup codec serves ``device``: compiled, or, where that compiled variant failed (no C++
+        compiler, an unsupported platform, a failed recompile), eagerly -- unless bitsandbytes
+        runs there, which then takes over (False). Rerunning after a failure is safe at any time,
+        as the codec never writes its inputs. A variant that failed once is not tried again."""
+        if not self._lookup_here(device):
+            return False
         key = _variant(fn, device, args)
-        if key in self._broken:
+        if key not in self._broken:
+            try:
+                with torch.no_grad():  # one grad mode: a resume decodes with grad enabled, a step without
+                    _compiled(key)(*args)
+                return True
+            except Exception as exc:
+                self._broken.add(key)
+                log.info("8-bit state: a compiled codec variant failed on %s (%s: %s); it runs without compiling",
+                         device.type, type(exc).__name__, str(exc)[:200])
+        if self.backend_for(device) == "bitsandbytes":
             return False
-        try:
-            with torch.no_grad():  # one grad mode: a resume decodes with grad enabled, a step without
-                _compiled(key)(*args)
-        except Exception as exc:
-            self._broken.add(key)
-            self._compile_failed[device.type] = True
-            log.info("8-bit state: a compiled codec variant failed on %s (%s: %s); it runs without compiling",
-                     device.type, type(exc).__name__, str(exc)[:200])
-            return False
+        fn(*args)
         return True
 
     # -- public ------------------------------------------------------------------------------
@@ -329,14 +333,9 @@ class Quantizer:
         if not xs:
             return
         device = xs[0].device
-        if self._lookup_here(device):
-            args = (_flat([x.float().contiguous() for x in xs]), *_CODEBOOK.lookup(signed, device), _flat(codes),
-                    absmax)
-            if self._run_compiled(_encode_many, device, *args):
-                return
-            if self.backend_for(device) != "bitsandbytes":
-                _encode_many(*args)
-                return
+        if self._run_lookup(_encode_many, device, _flat([x.float().contiguous() for x in xs]),
+                            *_CODEBOOK.lookup(signed, device), _flat(codes), absmax):
+            return
         for x, c, a in zip(xs, codes, absmax):
             self._encode_bnb(x.float().reshape(c.shape), signed, codes=c, absmax=a)
 
@@ -355,13 +354,8 @@ class Quantizer:
         if not codes:
             return
         device = codes[0].device
-        if self._lookup_here(device):
-            args = (_flat(codes), _CODEBOOK.map(signed, device), absmax, _flat(out))
-            if self._run_compiled(_decode_many, device, *args):
-                return
-            if self.backend_for(device) != "bitsandbytes":
-                _decode_many(*args)
-                return
+        if self._run_lookup(_decode_many, device, _flat(codes), _CODEBOOK.map(signed, device), absmax, _flat(out)):
+            return
         for c, a, o in zip(codes, absmax, out):
             o.view(c.shape).copy_(self._decode_bnb(c, a, signed).view(c.shape))
 
