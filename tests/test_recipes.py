@@ -268,6 +268,28 @@ def test_zero_initialised_lora_with_adopt_has_no_nan():
     assert torch.isfinite(down).all() and torch.isfinite(up).all() and up.abs().sum() > 0
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_adopt_starts_each_element_at_its_first_nonzero_gradient(fused):
+    # a LoRA A factor's gradient is zero while its partner B is zero: a v started at step 1 would
+    # stay 0 there and normalise the next gradients to the clip (sign steps of size t**0.25)
+    p = torch.nn.Parameter(torch.ones(2, 3, dtype=torch.float64))
+    opt = HinaAdamW([p], lr=0.1, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, fused=fused,
+                    **{**TECHNIQUES_OFF, "use_adopt_stability": True})
+    a = torch.tensor([[0.5, -2.0, 0.0], [1e-3, 4.0, 0.0]], dtype=torch.float64)
+    b = torch.tensor([[1.0, 1.0, 3.0], [-1e-3, -2.0, 0.0]], dtype=torch.float64)
+    for g in (torch.zeros_like(a), a, b):
+        p.grad = g.clone()
+        opt.step()
+        if g is a:  # the first non-zero gradient only starts v: no step anywhere
+            torch.testing.assert_close(p.detach(), torch.ones_like(p), rtol=0, atol=0)
+    # step 3: n = clip(b / |a|, 3**0.25) where a started v; the elements a left at 0 start v now
+    started = a != 0
+    n = torch.where(started, (b / a.abs().clamp_min(1e-8)).clamp(-3 ** 0.25, 3 ** 0.25), 0.0)
+    torch.testing.assert_close(p.detach(), 1 - 0.1 * 0.1 * n, rtol=1e-12, atol=1e-15)
+    v = opt.state[p]["exp_avg_sq"]
+    torch.testing.assert_close(v, torch.where(started, 0.99 * a * a + 0.01 * b * b, b * b), rtol=1e-12, atol=0)
+
+
 def test_dynamic_weight_decay_floor_binds():  # defect 13
     from hina_kohya.transforms.decay import dynamic_multiplier
 

@@ -29,6 +29,10 @@ def _grads(step, params):
     for p in params:
         # biased so signs persist for a while (lr masks and cautious masks get exercised)
         p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1 + 0.05 * torch.sign(p.detach())
+    if step == 0:  # a LoRA A factor's first gradient is zero (its partner B starts at zero)
+        params[0].grad.zero_()
+    if step < 3:  # and some elements see their first gradient late
+        params[7].grad[:2] = 0
 
 
 PATHS = {"foreach": dict(foreach=True, fused=False), "single": dict(foreach=False, fused=False),

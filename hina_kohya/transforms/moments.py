@@ -13,11 +13,16 @@ arXiv 1711.05101), matching ``torch.optim.AdamW`` (tested to 1e-10 in float64).
 ``ScaleByADOPT``: ADOPT (Taniguchi et al. 2024, arXiv 2411.02853), paper form. The gradient is
 normalised by the *previous* second moment before it enters the momentum, and clipped:
 
-    t = 1:  v = g**2, no update
-    t > 1:  n = clip(g / max(sqrt(v), eps), t**0.25);  m <- beta1 * m + (1 - beta1) * n;  u = m
-            v <- beta2 * v + (1 - beta2) * g**2
+    first gradient:  v = g**2, no update
+    after it:        n = clip(g / max(sqrt(v), eps), t**0.25);  m <- beta1 * m + (1 - beta1) * n;  u = m
+                     v <- beta2 * v + (1 - beta2) * g**2
 
-No bias correction. (The original HinaAdamW's "ADOPT" normalised after the momentum with a delayed
+No bias correction. "The first gradient" is per element: the paper starts v at step 1, which for
+a LoRA is wrong -- the A factor's gradient is exactly zero while its zero-initialised partner B is
+zero, so a step-1 start leaves v = 0 there and every later normalised gradient of A sits at the
+clip, a sign step growing as t**0.25 (the lr-dependent collapse measured in docs/BENCHMARKS.md).
+An element whose v is still 0 is initialised by its first non-zero gradient instead; at step 1
+every element is, which is the paper's rule. (The original HinaAdamW's "ADOPT" normalised after the momentum with a delayed
 denominator; AdaptiveHinaAdamW's was a one-step AMSGrad -- ALGORITHMS.md §2.4, defects 4 and 27.)
 
 Both read the momentum input from ``bucket.m_input`` when a transform before them (TAM) set it,
@@ -72,42 +77,29 @@ class ScaleByADOPT(Transform):
 
     def foreach(self, b: Bucket) -> None:
         beta1, beta2 = b.hp["betas"]
-        eps = b.hp["eps"]
-        first = [i for i, t in enumerate(b.steps) if t == 1]
-        rest = [i for i, t in enumerate(b.steps) if t > 1]
-        update: list = [None] * len(b)
-        m_in_all = b.m_input if b.m_input is not None else b.grads
-        if first:
-            v1, g1 = [b.state["exp_avg_sq"][i] for i in first], [b.grads[i] for i in first]
-            torch._foreach_addcmul_(v1, g1, g1)  # v starts at 0: v = g**2
-            for i in first:
-                update[i] = torch.zeros_like(b.grads[i])
-        if rest:
-            m = [b.state["exp_avg"][i] for i in rest]
-            v = [b.state["exp_avg_sq"][i] for i in rest]
-            g = [b.grads[i] for i in rest]
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_clamp_min_(denom, eps)
-            n = torch._foreach_div([m_in_all[i] for i in rest], denom)
-            for ni, i in zip(n, rest):
-                c = b.steps[i] ** 0.25
-                ni.clamp_(-c, c)
-            torch._foreach_lerp_(m, n, 1 - beta1)
-            torch._foreach_mul_(v, beta2)
-            torch._foreach_addcmul_(v, g, g, 1 - beta2)
-            for i, mi in zip(rest, m):
-                update[i] = mi
-        b.set_update(update, owned=False)  # the momentum itself, lent: copied only if modified
+        m, v, g = b.state["exp_avg"], b.state["exp_avg_sq"], b.grads
+        fresh = [vi == 0 for vi in v]  # no gradient seen yet: v starts here, no update
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_clamp_min_(denom, b.hp["eps"])
+        n = torch._foreach_div(b.m_input if b.m_input is not None else g, denom)
+        for ni, fi, t in zip(n, fresh, b.steps):
+            ni.clamp_(-t ** 0.25, t ** 0.25).masked_fill_(fi, 0.0)
+        torch._foreach_lerp_(m, n, 1 - beta1)  # m stays 0 where fresh: it was 0 and n is 0
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, 1 - beta2)
+        for vi, fi, gi in zip(v, fresh, g):
+            torch.where(fi, gi * gi, vi, out=vi)
+        b.set_update(m, owned=False)  # the momentum itself, lent: copied only if modified
 
     def math(self, x: Slot) -> None:
         beta1, beta2 = x.hp["betas"]
         m, v, g, t = x.st["exp_avg"], x.st["exp_avg_sq"], x.g, x.t
-        first = t <= 1  # step 1 only initialises v = g**2; no momentum, no update
+        fresh = v == 0  # no gradient seen yet (every element at step 1): v starts here, no update
         clip = t ** 0.25
         n = torch.minimum(torch.maximum(x.momentum_input / v.sqrt().clamp_min(x.hp["eps"]), -clip), clip)
-        m.copy_(torch.where(first, m, m * beta1 + n * (1 - beta1)))
-        v.copy_(torch.where(first, g * g, v * beta2 + g * g * (1 - beta2)))
-        x.u = torch.where(first, torch.zeros_like(m), m)
+        m.copy_(m * beta1 + torch.where(fresh, 0.0, n) * (1 - beta1))
+        v.copy_(torch.where(fresh, g * g, v * beta2 + g * g * (1 - beta2)))
+        x.u = m
 
 
 class ConsistencyMomentum(Transform):

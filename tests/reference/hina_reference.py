@@ -6,6 +6,8 @@ the package's code, so that the optimizers can be checked against it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 TINY = 1e-30
@@ -92,14 +94,20 @@ class ReferenceHina:
                 self.s[i] = beta * self.s[i] + (1 - beta) * cos
                 m_in = g * (1 + self.s[i] / (1 - beta ** t)) / 2
             if hp["use_adopt_stability"]:
-                if t == 1:
-                    self.v[i] = g * g
-                    u = torch.zeros_like(g)
-                else:
-                    n = (m_in / self.v[i].sqrt().clamp_min(hp["eps"])).clamp(-t ** 0.25, t ** 0.25)
-                    self.m[i] = b1 * self.m[i] + (1 - b1) * n
-                    self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
-                    u = self.m[i].clone()
+                # element by element: v starts at the element's first non-zero gradient, with no
+                # update (at step 1 that is every element with a gradient: the paper's rule)
+                m, v = self.m[i].reshape(-1).clone(), self.v[i].reshape(-1).clone()
+                for e, (ge, me) in enumerate(zip(g.reshape(-1).tolist(), m_in.reshape(-1).tolist())):
+                    if v[e] == 0:
+                        v[e] = ge * ge
+                        m[e] = b1 * m[e]
+                    else:
+                        c = t ** 0.25
+                        n = min(max(me / max(math.sqrt(v[e]), hp["eps"]), -c), c)
+                        m[e] = b1 * m[e] + (1 - b1) * n
+                        v[e] = b2 * v[e] + (1 - b2) * ge * ge
+                self.m[i], self.v[i] = m.reshape(g.shape), v.reshape(g.shape)
+                u = self.m[i].clone()
             else:
                 self.m[i] = b1 * self.m[i] + (1 - b1) * m_in
                 self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
