@@ -80,9 +80,11 @@ def _cmd_bench_converge(args: argparse.Namespace) -> int:
     def run(seeds: int, steps: int):
         lrs = converge.check_lrs(args.lr)
         names = args.optimizer or list(converge.CANDIDATES)
-        unknown = [n for n in names if n not in converge.CANDIDATES]
-        if unknown:
-            raise _Refused(f"unknown optimizer {', '.join(unknown)}; choose from {', '.join(converge.CANDIDATES)}")
+        for name in names:
+            try:
+                converge.candidate(name)
+            except ValueError as exc:
+                raise _Refused(str(exc)) from None
         missing = converge.missing_packages(names, args.task or list(converge.TASKS))
         if missing:
             raise _Refused(f"the baselines need {' '.join(missing)}: pip install {' '.join(missing)} "
@@ -283,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     bstep.add_argument("--json", help="also write the results as JSON to this file")
     bstep.set_defaults(func=_cmd_bench_step)
     bcv = bsub.add_parser("converge", help="held-out loss and steps to AdamW's final loss, best lr per optimizer")
-    bcv.add_argument("--optimizer", action="append", help="candidate (repeatable; default all)")
+    bcv.add_argument("--optimizer", action="append",
+                     help="candidate (repeatable; default all); a project recipe with constructor arguments as "
+                          "NAME:KEY=VALUE[:KEY=VALUE...], e.g. hina_adamw:alora_ratio=4.0")
     bcv.add_argument("--lr", type=float, action="append",
                      help="learning rate of the sweep (repeatable; replaces the tasks' grids, "
                           "not Prodigy's multipliers; default: each task's grid)")

