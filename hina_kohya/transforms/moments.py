@@ -22,7 +22,8 @@ a LoRA is wrong -- the A factor's gradient is exactly zero while its zero-initia
 zero, so a step-1 start leaves v = 0 there and every later normalised gradient of A sits at the
 clip, a sign step growing as t**0.25 (the lr-dependent collapse measured in docs/BENCHMARKS.md).
 An element whose v is still 0 is initialised by its first non-zero gradient instead; at step 1
-every element is, which is the paper's rule. (The original HinaAdamW's "ADOPT" normalised after the momentum with a delayed
+every element is, which is the paper's rule. (An 8-bit v that rounds to 0 against its block's
+maximum restarts the same way: that element skips a step instead of taking a clipped sign step.) (The original HinaAdamW's "ADOPT" normalised after the momentum with a delayed
 denominator; AdaptiveHinaAdamW's was a one-step AMSGrad -- ALGORITHMS.md §2.4, defects 4 and 27.)
 
 Both read the momentum input from ``bucket.m_input`` when a transform before them (TAM) set it,
