@@ -23,8 +23,9 @@ zero, so a step-1 start leaves v = 0 there and every later normalised gradient o
 clip, a sign step growing as t**0.25 (the lr-dependent collapse measured in docs/BENCHMARKS.md).
 An element whose v is still 0 is initialised by its first non-zero gradient instead; at step 1
 every element is, which is the paper's rule. (An 8-bit v that rounds to 0 against its block's
-maximum restarts the same way: that element skips a step instead of taking a clipped sign step.) (The original HinaAdamW's "ADOPT" normalised after the momentum with a delayed
-denominator; AdaptiveHinaAdamW's was a one-step AMSGrad -- ALGORITHMS.md §2.4, defects 4 and 27.)
+maximum restarts the same way: that element skips a step instead of taking a clipped sign step.)
+(The original HinaAdamW's "ADOPT" normalised after the momentum with a delayed denominator;
+AdaptiveHinaAdamW's was a one-step AMSGrad -- ALGORITHMS.md §2.4, defects 4 and 27.)
 
 Both read the momentum input from ``bucket.m_input`` when a transform before them (TAM) set it,
 else from the gradient; the second moment always sees the raw gradient.
@@ -85,7 +86,7 @@ class ScaleByADOPT(Transform):
         n = torch._foreach_div(b.m_input if b.m_input is not None else g, denom)
         for ni, fi, t in zip(n, fresh, b.steps):
             ni.clamp_(-t ** 0.25, t ** 0.25).masked_fill_(fi, 0.0)
-        torch._foreach_lerp_(m, n, 1 - beta1)  # m stays 0 where fresh: it was 0 and n is 0
+        torch._foreach_lerp_(m, n, 1 - beta1)  # where fresh n is 0: m (0 until then) only decays
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, 1 - beta2)
         for vi, fi, gi in zip(v, fresh, g):
