@@ -93,8 +93,8 @@ def lookup_tables(signed: bool) -> tuple[Tensor, Tensor]:
     """The encoder's tables over ``2 * _LOOKUP_BUCKETS`` buckets (positive values, then negative):
     ``base`` (int32), the number of map midpoints below the bucket's smallest value ``lo``, and
     ``above`` (fp32), the one midpoint in ``[lo, hi)`` (+inf if none; a midpoint equal to the
-    bucket's largest value ``hi`` counts only for values above ``hi``, in the next bucket). For a scaled value ``s`` in bucket
-    ``b`` the nearest map entry's code -- the number of midpoints below ``s``, as
+    bucket's largest value ``hi`` counts only for values above ``hi``, in the next bucket). For a
+    scaled value ``s`` in bucket ``b`` the nearest map entry's code -- the number of midpoints below ``s``, as
     ``torch.bucketize(s, midpoints)`` counts them -- is ``base[b] + (s > above[b])``."""
     table = dynamic_map(signed)
     mids = (table[1:] + table[:-1]) / 2
@@ -294,13 +294,12 @@ class Quantizer:
         return "bitsandbytes" if self.backend_for(device) == "bitsandbytes" else "torch lookup, eager"
 
     def _run_lookup(self, fn: Any, device: torch.device, *args: Any) -> bool:
-        """Run ``fn`` (``_encode_many`` / ``_decode_many``) over the states in ``args`` if the
-        lookup codec serves ``device``: compiled, or, where that compiled variant failed (no C++
-        compiler, an unsupported platform, a failed recompile), eagerly -- unless bitsandbytes
-        runs there, which then takes over (False). Rerunning after a failure is safe at any time,
-        as the codec never writes its inputs. A variant that failed once is not tried again."""
-        if not self._lookup_here(device):
-            return False
+        """Run ``fn`` (``_encode_many`` / ``_decode_many``) over the states in ``args`` on a
+        ``device`` the lookup codec serves (``_lookup_here``; the callers check it before building
+        ``args``): compiled, or, where that compiled variant failed (no C++ compiler, an
+        unsupported platform, a failed recompile), eagerly -- unless bitsandbytes runs there,
+        which then takes over (False). Rerunning after a failure is safe at any time, as the codec
+        never writes its inputs. A variant that failed once is not tried again."""
         key = _variant(fn, device, args)
         if key not in self._broken:
             try:
@@ -333,8 +332,10 @@ class Quantizer:
         if not xs:
             return
         device = xs[0].device
-        if self._run_lookup(_encode_many, device, _flat([x.float().contiguous() for x in xs]),
-                            *_CODEBOOK.lookup(signed, device), _flat(codes), absmax):
+        # the lookup codec's arguments (fp32 aliases, tables on the device) only where it serves
+        if self._lookup_here(device) and self._run_lookup(
+                _encode_many, device, _flat([x.float().contiguous() for x in xs]), *_CODEBOOK.lookup(signed, device),
+                _flat(codes), absmax):
             return
         for x, c, a in zip(xs, codes, absmax):
             self._encode_bnb(x.float().reshape(c.shape), signed, codes=c, absmax=a)
@@ -354,7 +355,8 @@ class Quantizer:
         if not codes:
             return
         device = codes[0].device
-        if self._run_lookup(_decode_many, device, _flat(codes), _CODEBOOK.map(signed, device), absmax, _flat(out)):
+        if self._lookup_here(device) and self._run_lookup(_decode_many, device, _flat(codes),
+                                                          _CODEBOOK.map(signed, device), absmax, _flat(out)):
             return
         for c, a, o in zip(codes, absmax, out):
             o.view(c.shape).copy_(self._decode_bnb(c, a, signed).view(c.shape))
