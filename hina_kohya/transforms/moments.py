@@ -87,10 +87,11 @@ class ScaleByADOPT(Transform):
         for ni, fi, t in zip(n, fresh, b.steps):
             ni.clamp_(-t ** 0.25, t ** 0.25).masked_fill_(fi, 0.0)
         torch._foreach_lerp_(m, n, 1 - beta1)  # where fresh n is 0: m (0 until then) only decays
+        g2 = torch._foreach_mul(g, g)
         torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, 1 - beta2)
-        for vi, fi, gi in zip(v, fresh, g):
-            torch.where(fi, gi * gi, vi, out=vi)
+        torch._foreach_add_(v, g2, alpha=1 - beta2)
+        for vi, fi, g2i in zip(v, fresh, g2):
+            torch.where(fi, g2i, vi, out=vi)
         b.set_update(m, owned=False)  # the momentum itself, lent: copied only if modified
 
     def math(self, x: Slot) -> None:
