@@ -125,6 +125,20 @@ def test_auto_backend_encodes_on_the_cpu_with_the_compiled_lookup(monkeypatch):
     assert calls == ["bnb"] and forced.codec_for(torch.device("cpu")) == "bitsandbytes"  # an explicit choice stays
 
 
+@pytest.mark.parametrize("name", ["HinaAdamW", "AdaptiveHinaAdamW", "Automagic_CameAMP8bit"])
+def test_every_recipe_takes_the_codec_choice(name):
+    """``quant_backend`` reaches the state store of every recipe (it picks the codec the 8-bit
+    states are encoded with), and a bad value is refused naming it."""
+    import hina_kohya
+    cls = getattr(hina_kohya, name)
+    p = torch.nn.Parameter(torch.zeros(64, 64))
+    opt = cls([p], state_precision="8bit", quant_backend="torch")
+    assert opt.store.quantizer.requested == "torch"
+    assert opt.store.quantizer.codec_for(torch.device("cpu")) == "torch lookup"
+    with pytest.raises(ValueError, match="quant_backend='gpu'"):
+        cls([p], quant_backend="gpu")
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_a_codec_that_does_not_compile_falls_back_once_and_writes_the_same_codes(monkeypatch, backend):
     if backend == "auto":
@@ -240,8 +254,8 @@ def test_without_bitsandbytes_the_cpu_trains_alike_and_needs_no_warning(monkeypa
     ref = TinyLoRANet(2)
     train(ref, plain_hina(ref.groups(), lr=1e-2), 30)
     a = TinyLoRANet(2)
-    oa = plain_hina(a.groups(), **kw)
-    oa.store.quantizer = Quantizer("bitsandbytes")  # (HinaAdamW takes no quant_backend argument)
+    oa = plain_hina(a.groups(), quant_backend="bitsandbytes", **kw)
+    assert oa.store.quantizer.codec_for(torch.device("cpu")) == "bitsandbytes"
     la = train(a, oa, 30)
     _hide_bitsandbytes(monkeypatch)
     b = TinyLoRANet(2)

@@ -69,6 +69,8 @@ class HinaOptimizer(torch.optim.Optimizer):
       resume_hparams:  "saved" (default): hyperparameters stored in a checkpoint win on load;
                        "new": the values this optimizer was constructed with win. Logged.
       min_8bit_size:   tensors with fewer elements keep fp32 state under "8bit" (default 4096).
+      quant_backend:   the 8-bit codec: "auto" (default; the table-lookup codec on the CPU,
+                       bitsandbytes' kernels elsewhere), "bitsandbytes" or "torch" everywhere.
     """
 
     #: hyperparameter validation rules specific to a recipe (name -> (predicate, allowed))

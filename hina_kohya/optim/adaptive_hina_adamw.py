@@ -65,7 +65,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                  wd_min_ratio: float = 0.1, state_precision: str = "fp32", foreach: Optional[bool] = None,
                  bf16_rounding: str = "stochastic", master_weights: bool = False, seed: int = 0,
                  resume_hparams: str = "saved", fused: Optional[bool] = None,
-                 skip_nonfinite: bool = True, **unknown: Any) -> None:
+                 skip_nonfinite: bool = True, quant_backend: str = "auto", **unknown: Any) -> None:
         refuse_unknown(type(self), unknown)
         owner = type(self).__name__
         state_precision = legacy_state_precision(owner, state_precision, optim_bits, amsgrad=amsgrad,
@@ -87,8 +87,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                         wd_min_ratio=wd_min_ratio, optim_bits=optim_bits)
         super().__init__(params, defaults, state_precision=state_precision, foreach=foreach,
                          bf16_rounding=bf16_rounding, master_weights=master_weights, seed=seed,
-                         resume_hparams=resume_hparams, min_8bit_size=min_8bit_size, fused=fused,
-                         skip_nonfinite=skip_nonfinite)
+                         resume_hparams=resume_hparams, min_8bit_size=min_8bit_size, quant_backend=quant_backend,
+                         fused=fused, skip_nonfinite=skip_nonfinite)
         if use_lr_mask:
             note_capped_groups(self)
 
