@@ -157,10 +157,12 @@ def test_ablation_switches_off_each_default_technique(tmp_path):
     from hina_kohya import optim
     from hina_kohya.bench import ablate
 
-    # use_grams is left out: with Cautious on (the default) HinaAdamW runs no Grams, so
-    # use_grams=False would be a run identical to the defaults
-    assert ablate.default_on(optim.HinaAdamW) == ["use_spd", "use_cautious", "use_adopt_stability", "use_agr",
+    # HinaAdamW's default shaping is Grams (Cautious off); AdaptiveHinaAdamW's is Cautious, so
+    # there use_grams is left out: use_grams=False would be a run identical to the defaults
+    assert ablate.default_on(optim.HinaAdamW) == ["use_spd", "use_adopt_stability", "use_grams", "use_agr",
                                                   "use_tam", "use_alora", "dynamic_weight_decay"]
+    assert "use_grams" not in ablate.default_on(optim.AdaptiveHinaAdamW)
+    assert "use_cautious" in ablate.default_on(optim.AdaptiveHinaAdamW)
     assert ablate.unswitched(optim.HinaAdamW) == []
     # the Automagic recipes apply most techniques without a switch: removed from the chain instead
     assert ablate.default_on(optim.Automagic_CameAMP) == ["came"]  # enable_dual_momentum acts in Improved only

@@ -19,6 +19,15 @@ defaults of the arguments are those of the original ``HinaAdamWOptimizer`` (ALGO
 so existing ``--optimizer_args`` keep working; the math follows the papers and none of the
 original's defects (§5.1) is reproduced -- each transform's docstring says what changed.
 
+One default differs: ``use_cautious`` is False, so the default update shaping is Grams. The
+original had both on and ran Grams then Cautious, where Cautious is a no-op (defect §5.1.2): it
+trained with Grams. Here Cautious with both on is the paper's form instead of Grams, whose
+rescale ``numel / (kept + 1)`` (1.5-2.5x on LoRA factors) multiplies with the LoRA+ ratio:
+measured with Cautious, HinaAdamW collapsed at 3x AdamW's best lr on the image-adapter and the
+text-encoder LoRA; with Grams it did not, and it ended lower at its best lr (docs/BENCHMARKS.md,
+"Cautious or Grams"). ``use_cautious=True`` runs the paper's
+Cautious in place of Grams.
+
 Arguments the original accepted for bitsandbytes and never used: ``optim_bits=8`` selects
 ``state_precision="8bit"``; ``min_8bit_size`` sets the 8-bit size threshold; ``amsgrad``,
 ``percentile_clipping``, ``block_wise``, ``is_paged`` and ``args`` have no effect and warn when set
@@ -75,7 +84,7 @@ class HinaAdamW(HinaOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, optim_bits: int = 32, args: Any = None,
                  min_8bit_size: int = 4096, percentile_clipping: int = 100, block_wise: bool = True,
-                 is_paged: bool = False, use_spd: bool = True, spd_lambda: float = 0.06, use_cautious: bool = True,
+                 is_paged: bool = False, use_spd: bool = True, spd_lambda: float = 0.06, use_cautious: bool = False,
                  use_orthogonal_grad: bool = False, use_adopt_stability: bool = True, use_grams: bool = True,
                  use_agr: bool = True, use_tam: bool = True, tam_beta: float = 0.999, use_alora: bool = True,
                  alora_ratio: float = 16.0, dynamic_weight_decay: bool = True, wd_transition_steps: int = 1000,
