@@ -22,7 +22,6 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from . import quant
 from .chain import Chain, Slot, tensor_step
 
 log = logging.getLogger(__name__)
@@ -116,39 +115,29 @@ def chunk_size() -> int:
 
 def make_kernel(chain: Chain, layout: Layout, keys: tuple[str, ...], k: int = 1,
                 skip_nonfinite: bool = True, extra_keys: tuple[str, ...] = (),
-                static: Optional[tuple] = None, device_type: str = "cpu", coded: Optional[tuple] = None) -> Callable:
+                static: Optional[tuple] = None, device_type: str = "cpu") -> Callable:
     """A compiled step for ``k`` tensors at once. Inputs, one entry per tensor: the parameter's
     ``kernel_view`` (written in place), the gradient's, the states in ``keys`` order, a row of
     numbers (``layout``; the rate column already holds any data-dependent rate factor) in one
     ``[k, n]`` tensor, and the 0-d per-tensor values of ``Bucket.extras`` in ``extra_keys`` order
     (or None). ``static``: the transforms' ``static_keys`` shared by the chunk's tensors (the
-    kernel is specialised). ``device_type`` picks the ``INDUCTOR_OPTIONS``. ``coded``: per tensor,
-    per key, None or, for an 8-bit state the kernel decodes and encodes itself, its map
-    (signed) and ``quant.block_pattern``; that state's entry is then the pair (codes' kernel
-    view, block maxima), and the kernel takes the two maps' ``quant.kernel_book`` tables as
-    ``books`` (signed first)."""
-    sig = (_signature(chain, layout, keys), k, skip_nonfinite, extra_keys, static, device_type, coded)
+    kernel is specialised). ``device_type`` picks the ``INDUCTOR_OPTIONS``."""
+    sig = (_signature(chain, layout, keys), k, skip_nonfinite, extra_keys, static, device_type)
     if sig not in _KERNELS:
         _KERNELS[sig] = _compile(list(chain.transforms), layout, keys, len(_KERNELS), skip_nonfinite, extra_keys,
-                                 static, device_type, coded)
+                                 static, device_type)
     return _KERNELS[sig]
 
 
 def _compile(transforms: list, layout: Layout, keys: tuple[str, ...], serial: int, skip_nonfinite: bool,
-             extra_keys: tuple[str, ...] = (), static: Optional[tuple] = None, device_type: str = "cpu",
-             coded: Optional[tuple] = None) -> Callable:
+             extra_keys: tuple[str, ...] = (), static: Optional[tuple] = None, device_type: str = "cpu") -> Callable:
     def kernel(ps: list, gs: list, states: list, vecs: Tensor,
-               extras: Optional[list] = None, books: Optional[list] = None) -> tuple[Tensor, Tensor]:
+               extras: Optional[list] = None) -> tuple[Tensor, Tensor]:
         kept, skipped = [], []
         for j in range(len(ps)):  # unrolled by dynamo: one graph for the whole chunk
             fixed, hp = layout.unpack(vecs[j])
-            st = dict(zip(keys, states[j]))
-            # 8-bit states decoded here, in the graph: no buffers and no codec calls around the kernel
-            stored = {key: (st[key], books[0:3] if c[0] else books[3:6])
-                      for key, c in zip(keys, coded[j] if coded else ()) if c is not None}
-            for key, ((codes, absmax), book) in stored.items():
-                st[key] = quant.decode_in_kernel(codes, absmax, book)
-            x = Slot(ps[j], gs[j], st, fixed["t"], hp, None, fixed["rate"], fixed["decay"], fixed["mask_scale"])
+            x = Slot(ps[j], gs[j], dict(zip(keys, states[j])), fixed["t"], hp, None, fixed["rate"], fixed["decay"],
+                     fixed["mask_scale"])
             if extras is not None:
                 x.extra = dict(zip(extra_keys, extras[j]))
             # skip_nonfinite=False compiles the skipping step with a flag that is always true: the
@@ -156,8 +145,6 @@ def _compile(transforms: list, layout: Layout, keys: tuple[str, ...], serial: in
             # fusion with a local buffer) for the CAME recipes; the flag cannot be folded away
             never = None if skip_nonfinite else fixed["t"] > 0  # the step counter starts at 1
             ps[j].copy_(tensor_step(transforms, x, True, static, never))
-            for key, ((codes, absmax), book) in stored.items():
-                quant.encode_in_kernel(x.st[key], book, codes, absmax)
             kept.append(x.scratch.get("cautious_kept", torch.zeros((), dtype=ps[j].dtype, device=ps[j].device)))
             skipped.append(x.scratch["skipped"])
         return torch.stack(kept), torch.stack(skipped)

@@ -435,9 +435,7 @@ class HinaOptimizer(torch.optim.Optimizer):
 
     def _call_kernels(self, b: Bucket, targets: list[Tensor], fused: tuple, kept: list, plan: list,
                       eager: list[int], statics: list[tuple]) -> list[int]:
-        """The kernel calls of ``plan``: each between the decode and the encode of its 8-bit states
-        held in buffers, or, where the kernels code those states themselves (``coded``), with the
-        maps' tables as an input."""
+        """The kernel calls of ``plan``, each between the decode and the encode of its 8-bit states."""
         kernels, layout, keys = fused
         hp_values = layout.values(b.hp)
         extra_keys = tuple(b.extras)
@@ -451,23 +449,18 @@ class HinaOptimizer(torch.optim.Optimizer):
             if b.lr_scale_t is not None:
                 numbers[:, fused_mod.Layout.FIXED.index("rate")] *= torch.stack(
                     [b.lr_scale_t[i].detach().reshape(()) for i in order]).to(numbers)
-        books = None
         done = 0
-        for idx, flat_params, flat_states, encoded, coded in plan:
+        for idx, flat_params, flat_states, encoded in plan:
             k, static, device = len(idx), statics[idx[0]], targets[idx[0]].device.type
-            if (k, extra_keys, static, device, coded) not in kernels:
-                kernels[(k, extra_keys, static, device, coded)] = fused_mod.make_kernel(
-                    kernels["chain"], layout, keys, k, self.skip_nonfinite, extra_keys, static, device, coded)
+            if (k, extra_keys, static, device) not in kernels:
+                kernels[(k, extra_keys, static, device)] = fused_mod.make_kernel(
+                    kernels["chain"], layout, keys, k, self.skip_nonfinite, extra_keys, static, device)
             extras = [tuple(b.extras[e][i].detach() for e in extra_keys) for i in idx] if extra_keys else None
-            if coded is not None and books is None:
-                books = [*quant.kernel_book(True, targets[idx[0]].device),
-                         *quant.kernel_book(False, targets[idx[0]].device)]
             try:
                 quant.decode_all([(b.state[key][i], buf) for i, key, buf in encoded])  # this call's 8-bit states
-                out, skipped = kernels[(k, extra_keys, static, device, coded)](
+                out, skipped = kernels[(k, extra_keys, static, device)](
                     flat_params, [fused_mod.kernel_view(b.grads[i].contiguous(), targets[i]) for i in idx], flat_states,
-                    numbers[done:done + k].clone(), extras, books if coded is not None else None)
-                # (numbers: a fresh tensor, no storage offset to guard on)
+                    numbers[done:done + k].clone(), extras)  # a fresh tensor: no storage offset to guard on
                 done += k  # the call wrote its tensors: from here an error must not lead to an eager retry
                 quant.encode_all([(b.state[key][i], buf) for i, key, buf in encoded])
             except Exception as exc:
@@ -479,28 +472,21 @@ class HinaOptimizer(torch.optim.Optimizer):
         return eager
 
     def _chunk_plan(self, b: Bucket, states: list[dict], targets: list[Tensor], keys: tuple[str, ...],
-                    statics: list[tuple]) -> tuple[list[tuple], list[int], list[Tensor]]:
+                    statics: list[tuple]) -> tuple[list[tuple[list[int], list, list, list]], list[int], list[Tensor]]:
         """The kernel calls of a bucket: per chunk its indices, the kernel views of its parameters
-        and states, its 8-bit states as (index, key, buffer) -- the call works on buffers they
-        are decoded into before it and encoded from after it --, and ``coded`` (None, or per
-        tensor and key what ``fused.make_kernel`` needs to code an 8-bit state inside the kernel);
-        the indices left for the eager path; and the buffers, one per position in a call and 8-bit
-        key, as large as the largest tensor any call puts there (calls run one after another and
-        share them, so a step holds at most one call's 8-bit states decoded). Where the quantizer's
-        lookup codec serves the device (``Quantizer.in_kernel``: the CPU by default) the kernels
-        decode and encode the 8-bit states themselves -- their entries are (codes, block maxima)
-        -- and there are no buffers. A chunk's tensors share a shape class and their
+        and states, and its 8-bit states as (index, key, buffer) -- the call works on buffers they
+        are decoded into before it and encoded from after it --; the indices left for the eager
+        path; and the buffers, one per position in a call and 8-bit key, as large as the largest
+        tensor any call puts there (calls run one after another and share them, so a step holds
+        at most one call's 8-bit states decoded). A chunk's tensors share a shape class and their
         transforms' ``static_keys`` (e.g. the phase). When every tensor is persistent (the
         parameters themselves, states stored as they are read) the plan is kept and reused while
         the same tensor objects come back (it holds them, so their ids cannot be reused);
         rebuilding it is ~10 ms per step on the sd15 set. Buckets partition the flat parameter
         indices, so a bucket's first index identifies it."""
-        objs = targets + [stored_tensor(v) for k in keys for v in b.state[k]] + [
-            v.absmax for k in keys for v in b.state[k] if isinstance(v, Encoded)]
-        # 8-bit states coded inside the kernels where the lookup codec serves (quant.decode_in_kernel)
-        inline = self.store.quantizer.in_kernel(b.params[0].device)
+        objs = targets + [stored_tensor(v) for k in keys for v in b.state[k]]
         # a trainer may re-point ``p.data`` (a dtype cast, a device move): the storage is checked too
-        ids = list(map(id, objs)) + [t.data_ptr() for t in targets] + statics + [inline]
+        ids = list(map(id, objs)) + [t.data_ptr() for t in targets] + statics
         cached = self._plans.get(b.indices[0])
         if cached is not None and cached[0] == ids:
             return cached[2], cached[3], cached[4]
@@ -510,34 +496,21 @@ class HinaOptimizer(torch.optim.Optimizer):
         calls = fused_mod.chunks([(fused_mod.shape_class(targets[i]), statics[i]) for i in ok],
                                  [targets[i].numel() for i in ok], fused_mod.chunk_size())
         calls = [[ok[j] for j in chunk] for chunk in calls]
-        buffered = [[key for key in keys if isinstance(b.state[key][i], Encoded) and not inline] for i in range(len(b))]
         sizes: dict[tuple[int, str], int] = {}
         for idx in calls:
             for j, i in enumerate(idx):
-                for key in buffered[i]:
-                    sizes[(j, key)] = max(sizes.get((j, key), 0), b.state[key][i].numel())
+                for key in keys:
+                    if isinstance(b.state[key][i], Encoded):
+                        sizes[(j, key)] = max(sizes.get((j, key), 0), b.state[key][i].numel())
         buffers = {pos: torch.empty(n, dtype=b.compute_dtype, device=b.params[0].device) for pos, n in sizes.items()}
         plan = []
         for idx in calls:
-            encoded = [(i, key, buffers[(j, key)][:b.state[key][i].numel()]) for j, i in enumerate(idx)
-                       for key in buffered[i]]
+            encoded = [(i, key, buffers[(j, key)][:b.state[key][i].numel()])
+                       for j, i in enumerate(idx) for key in keys if isinstance(b.state[key][i], Encoded)]
             views = {(i, key): buf.view(b.state[key][i].shape) for i, key, buf in encoded}
-            entries, coded = [], []
-            for i in idx:
-                entry, code = [], []
-                for key in keys:
-                    v = views.get((i, key), b.state[key][i])
-                    if isinstance(v, Encoded):  # inline: the kernel decodes and encodes it
-                        entry.append((fused_mod.kernel_view(v.codes, targets[i]), v.absmax))
-                        code.append((v.signed, quant.block_pattern(v.numel())))
-                    else:
-                        entry.append(fused_mod.kernel_view(v, targets[i]))
-                        code.append(None)
-                entries.append(tuple(entry))
-                coded.append(tuple(code))
-            any_coded = any(c is not None for code in coded for c in code)
-            plan.append((idx, [fused_mod.kernel_view(targets[i], targets[i]) for i in idx], entries, encoded,
-                         tuple(coded) if any_coded else None))
+            plan.append((idx, [fused_mod.kernel_view(targets[i], targets[i]) for i in idx],
+                         [tuple(fused_mod.kernel_view(views.get((i, key), b.state[key][i]), targets[i]) for key in keys)
+                          for i in idx], encoded))
         in_plan = set(ok)
         eager = [i for i in range(len(b)) if i not in in_plan]
         kept = (plan, eager, list(buffers.values()))

@@ -24,9 +24,6 @@ float's exponent and top 8 mantissa bits -- one table read and one comparison --
 search over the map: the nearest-value codes of ``torch.bucketize`` over the map's midpoints,
 bit for bit. On the 2-core CPU it encodes at ~1.0 ns per element against bitsandbytes' 4.6 ns
 (docs/BENCHMARKS.md). Where it cannot compile, bitsandbytes (or the lookup run eagerly) takes over.
-The fused step kernels trace the same codec into their own graphs (``decode_in_kernel`` /
-``encode_in_kernel``): the kernel reads the codes and writes them back, with no fp32 copy of the
-state outside it and no codec call of its own.
 
 Layout in ``optimizer.state[p]`` for an 8-bit state ``key``: ``key`` holds uint8 codes with the
 parameter's shape and ``key + ".absmax"`` the fp32 block maxima (shape ``[ceil(numel / 256)]``).
@@ -162,34 +159,6 @@ def _decode_many(codes: list, table: Tensor, absmax: list, out: list) -> None:
                           out[j][lo:hi].view(shape))
 
 
-def decode_in_kernel(codes: Tensor, absmax: Tensor, book: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    """Inside a compiled step kernel: the fp32 values of an 8-bit state, shaped like ``codes``
-    (any contiguous alias of the stored codes) -- ``_decode_many``'s blocks, traced into the
-    kernel's graph instead of run as a call of their own. ``book``: ``kernel_book``."""
-    out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
-    _decode_many([codes.reshape(-1)], book[0], [absmax], [out.view(-1)])
-    return out
-
-
-def encode_in_kernel(x: Tensor, book: tuple[Tensor, Tensor, Tensor], codes: Tensor, absmax: Tensor) -> None:
-    """Inside a compiled step kernel: encode ``x`` (fp32, ``codes``' element count) into the
-    stored ``codes`` and ``absmax``, as ``_encode_many`` does."""
-    _encode_many([x.reshape(-1)], book[1], book[2], [codes.reshape(-1)], [absmax])
-
-
-def kernel_book(signed: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """What ``decode_in_kernel`` / ``encode_in_kernel`` read for one map on ``device``: the map and
-    the encoder's two lookup tables (``lookup_tables``)."""
-    return (_CODEBOOK.map(signed, device), *_CODEBOOK.lookup(signed, device))
-
-
-def block_pattern(n: int) -> tuple[bool, ...]:
-    """What compiled code that codes a state of ``n`` values is specialised on besides the
-    sizes: which of its block groups exist and which have one row (dynamo specialises
-    dimensions of size 1)."""
-    return n // BLOCK == 0, n // BLOCK == 1, n % BLOCK == 0, n % BLOCK == 1
-
-
 _COMPILED: dict[tuple, Any] = {}
 
 
@@ -206,7 +175,9 @@ def _variant(fn: Any, device: torch.device, args: tuple) -> tuple:
     one row or one column (dynamo specialises dimensions of size 1). One code object per
     variant: dynamo keeps at most 8 compiled variants per code object and runs eagerly past
     that, which a shared one could reach on a model with many shapes."""
-    return (fn, device.type, tuple(block_pattern(t.shape[0]) for t in args[0]))
+    sizes = tuple(t.shape[0] for t in args[0])
+    return (fn, device.type, tuple((n // BLOCK == 0, n // BLOCK == 1, n % BLOCK == 0, n % BLOCK == 1)
+                                            for n in sizes))
 
 
 def _compiled(key: tuple) -> Any:
@@ -313,12 +284,6 @@ class Quantizer:
             return True
         return self.backend_for(device) != "bitsandbytes"
 
-    def in_kernel(self, device: torch.device) -> bool:
-        """Can the fused step kernels decode and encode this quantizer's states inside themselves
-        (``decode_in_kernel``)? Where the compiled lookup codec serves ``device`` and has not
-        failed there; elsewhere the kernels work on buffers decoded and encoded around each call."""
-        return self._lookup_here(device) and not any(key[1] == device.type for key in self._broken)
-
     def codec_for(self, device: torch.device) -> str:
         """What encodes and decodes 8-bit state on ``device``: "bitsandbytes", "torch lookup"
         (compiled), or, once a compiled variant has failed there, what takes its place."""
@@ -400,12 +365,10 @@ class Quantizer:
 class Encoded:
     """An 8-bit state of this step, not decoded yet (``StateStore.read(..., lazy=True)``).
 
-    The fused path hands its codes and block maxima to the kernel, which decodes and encodes
-    them itself (``decode_in_kernel``), or, where bitsandbytes' kernels code the states, decodes
-    it one kernel call at a time into a reusable buffer (``decode_all``) and encodes the result
-    back into the same codes and block maxima (``encode_all``). Either way a step never holds a
-    whole 8-bit state in fp32 (which would make the step's peak memory larger than with fp32
-    state). ``decode()`` gives a fresh tensor for the other paths.
+    The fused path decodes it one kernel call at a time into a reusable buffer (``decode_all``)
+    and encodes the result back into the same codes and block maxima (``encode_all``), so a
+    step never holds a whole 8-bit state in fp32 (which would make the step's peak memory
+    larger than with fp32 state). ``decode()`` gives a fresh tensor for the other paths.
     """
 
     __slots__ = ("quantizer", "codes", "absmax", "signed", "dtype")
