@@ -21,12 +21,11 @@ original's defects (§5.1) is reproduced -- each transform's docstring says what
 
 One default differs: ``use_cautious`` is False, so the default update shaping is Grams. The
 original had both on and ran Grams then Cautious, where Cautious is a no-op (defect §5.1.2): it
-trained with Grams. Here Cautious with both on is the paper's form instead of Grams, whose
-rescale ``numel / (kept + 1)`` (1.5-2.5x on LoRA factors) multiplies with the LoRA+ ratio:
-measured with Cautious, HinaAdamW collapsed at 3x AdamW's best lr on the image-adapter and the
-text-encoder LoRA; with Grams it did not, and it ended lower at its best lr (docs/BENCHMARKS.md,
-"Cautious or Grams"). ``use_cautious=True`` runs the paper's
-Cautious in place of Grams.
+trained with Grams. Here ``use_cautious=True`` runs the paper's Cautious in place of Grams; its
+rescale ``numel / (kept + 1)`` (1.5-2.5x on LoRA factors) multiplies with the LoRA+ ratio, and
+with it HinaAdamW collapsed at 3x AdamW's best lr on the image-adapter and the text-encoder
+LoRA; with Grams it did not, and it ended lower at its best lr (docs/BENCHMARKS.md, "Cautious or
+Grams").
 
 Arguments the original accepted for bitsandbytes and never used: ``optim_bits=8`` selects
 ``state_precision="8bit"``; ``min_8bit_size`` sets the 8-bit size threshold; ``amsgrad``,
