@@ -85,6 +85,20 @@ def test_eight_bit_classes_are_their_recipe_with_8bit_state():
             assert spec.cls.__mro__[1] in RECIPES
 
 
+def test_every_registered_optimizer_accepts_every_engine_option():
+    """The engine's options (state precision, codec, fusion, ...) are written out in each recipe's
+    signature; one left out is silently stuck at its default (HinaAdamW lacked ``quant_backend``)."""
+    import inspect
+
+    from hina_kohya.core.optimizer import ENGINE_OPTIONS, HinaOptimizer
+
+    keywords = set(inspect.signature(HinaOptimizer.__init__).parameters) - {"self", "params", "defaults"}
+    assert set(ENGINE_OPTIONS) == keywords
+    for spec in registry._SPECS:
+        missing = set(ENGINE_OPTIONS) - set(signature_defaults(spec.cls))
+        assert not missing, (spec.name, missing)
+
+
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

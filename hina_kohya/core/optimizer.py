@@ -41,8 +41,9 @@ from .quant import Encoded, StateStore, _seed, stored_tensor
 
 log = logging.getLogger(__name__)
 
-ENGINE_OPTIONS = ("state_precision", "foreach", "bf16_rounding", "master_weights", "seed",
-                  "resume_hparams", "min_8bit_size", "quant_backend")
+#: the engine's own options (``HinaOptimizer.__init__``'s keywords): every recipe accepts them
+ENGINE_OPTIONS = ("state_precision", "foreach", "bf16_rounding", "master_weights", "seed", "resume_hparams",
+                  "min_8bit_size", "quant_backend", "fused", "skip_nonfinite")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

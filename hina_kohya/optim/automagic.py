@@ -54,7 +54,7 @@ import torch
 
 from .. import diagnostics
 from ..core.chain import Chain, Transform
-from ..core.optimizer import HinaOptimizer
+from ..core.optimizer import ENGINE_OPTIONS, HinaOptimizer
 from ..transforms.agr import AGR
 from ..transforms.came import CAMEConfidence, FactoredSecondMoment
 from ..transforms.context import Context, ContextRate
@@ -69,10 +69,6 @@ from ..transforms.spatial import (EdgeSuppression, FrequencyPenalty, LowRankPena
                                   Regularize, SpatialAwareness)
 from ..transforms.torque import TorqueAwareMomentum
 from .hina_adamw import move_state
-
-#: engine options every recipe accepts next to the config's fields
-ENGINE_OPTIONS = ("state_precision", "foreach", "bf16_rounding", "master_weights", "seed", "resume_hparams",
-                  "min_8bit_size", "quant_backend", "fused", "skip_nonfinite")
 
 
 @dataclass
