@@ -105,7 +105,7 @@ def _cmd_bench_ablate(args: argparse.Namespace) -> int:
             raise _Refused(f"the tasks need {' '.join(missing)}: pip install {' '.join(missing)} "
                            "(or choose other tasks with --task)")
         return ablate.main(args.recipe, args.task or list(converge.TASKS), args.lr, seeds, steps,
-                           Path(args.output), args.quick, args.device, not args.no_progress)
+                           Path(args.output), args.quick, args.device, not args.no_progress, only=args.only)
     return _training_bench(args, "ablate", converge.outputs(f"ablate-{args.recipe}"), run)
 
 
@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=["HinaAdamW", "AdaptiveHinaAdamW", "Automagic_CameAMP", "Automagic_CameAMP_COptim",
                               "Automagic_CameAMP_Improved"], help="recipe (default HinaAdamW)")
     bab.add_argument("--lr", type=float, default=1e-3, help="learning rate of every variant (default 1e-3)")
+    bab.add_argument("--only", action="append", metavar="TECHNIQUE",
+                     help="ablate only this technique (repeatable): a switch such as use_tam, or a transform's "
+                          "name such as tam or c_optim; default every default-on technique")
     _training_bench_options(bab, "seeds per variant")
     bab.set_defaults(func=_cmd_bench_ablate)
     bch = bsub.add_parser("chunks", help="fused kernels with different tensors per call, interleaved with AdamW")

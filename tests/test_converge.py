@@ -179,6 +179,27 @@ def test_ablation_switches_off_each_default_technique(tmp_path):
     assert (tmp_path / "ablate-Automagic_CameAMP.md").exists()
 
 
+def test_ablate_only_runs_the_named_techniques_and_refuses_an_unknown_one(tmp_path, capsys):
+    from hina_kohya import optim
+    from hina_kohya.bench import ablate
+    from hina_kohya.cli import main
+
+    # a switch by its own name or by its transform's name; a switchless technique by its transform's
+    picked = ablate.chosen(optim.Automagic_CameAMP_Improved, ["dual_momentum", "use_tam", "tam", "cautious"])
+    assert picked == {"enable_dual_momentum": ("no_enable_dual_momentum", "enable_dual_momentum=False"),
+                      "tam": ("without_tam", "without tam"), "cautious": ("without_cautious", "without cautious")}
+    assert ablate.chosen(optim.HinaAdamW, ["tam"]) == {"use_tam": ("no_use_tam", "use_tam=False")}
+    assert set(ablate.chosen(optim.HinaAdamW, None)) == set(ablate.default_on(optim.HinaAdamW))
+    summary = ablate.main("Automagic_CameAMP_COptim", ["adapter-lora"], 1e-3, 1, 2, tmp_path / "a", quick=True,
+                          progress=False, only=["c_optim"])
+    assert set(summary["tasks"]["adapter-lora"]["rows"]) == {"defaults", "without_c_optim"}
+    # HinaAdamW has no lr mask: a clear refusal naming the choices, before any run
+    assert main(["bench", "ablate", "--quick", "--recipe", "HinaAdamW", "--only", "lr_mask",
+                 "--output", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "--only 'lr_mask'" in err and "use_tam" in err and not (tmp_path / "b" / "ablate-HinaAdamW.json").exists()
+
+
 def test_a_transform_left_out_is_gone_from_every_chain_and_the_recipe_still_trains():
     import torch
 

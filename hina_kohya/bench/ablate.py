@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -57,9 +57,10 @@ def default_on(cls: type) -> list[str]:
     return [n for n in on if _chain_of(cls, **{n: False}) != chain]
 
 
-def unswitched(cls: type) -> list[str]:
-    """The removable transforms of ``cls``'s default chain that no default-on switch controls."""
-    switched = {SWITCHED[s] for s in default_on(cls)}
+def unswitched(cls: type, switches: Optional[list[str]] = None) -> list[str]:
+    """The removable transforms of ``cls``'s default chain that no default-on switch controls
+    (``switches``: ``default_on(cls)`` when the caller has it already)."""
+    switched = {SWITCHED[s] for s in (default_on(cls) if switches is None else switches)}
     return [n for n in dict.fromkeys(_chain_of(cls)[0]) if n in REMOVABLE and n not in switched]
 
 
@@ -77,8 +78,38 @@ def _variant(recipe: str, cls: type = None, **kw) -> Callable:
     return (converge._masked if masked else converge._hina)(cls or recipe, **kw)
 
 
+def techniques(cls: type) -> dict[str, tuple[str, str]]:
+    """Every technique ``bench ablate`` turns off in ``cls``: the name ``--only`` takes (the
+    switch, or the transform's name for a technique without one) -> (row key, row label suffix)."""
+    switches = default_on(cls)
+    out = {s: (f"no_{s}", f"{s}=False") for s in switches}
+    out.update({n: (f"without_{n}", f"without {n}") for n in unswitched(cls, switches)})
+    return out
+
+
+def chosen(cls: type, only: Optional[list[str]]) -> dict[str, tuple[str, str]]:
+    """The techniques named by ``only`` (a switch such as ``use_tam`` or the transform it
+    controls, ``tam``); all of them when ``only`` is empty."""
+    every = techniques(cls)
+    if not only:
+        return every
+    # either name of a technique reaches it: the transform's for a switch, the switch's for a
+    # transform a recipe applies without one (use_tam -> tam in the Automagic recipes)
+    alias = {SWITCHED[s]: s for s in every if s in SWITCHED}
+    alias.update({s: t for s, t in SWITCHED.items() if t in every})
+    picked = {}
+    for name in only:
+        key = name if name in every else alias.get(name)
+        if key is None:
+            raise ValueError(f"--only {name!r}: {cls.__name__} has no default-on technique of that name; "
+                             f"choose from {', '.join(every)}")
+        picked[key] = every[key]
+    return picked
+
+
 def main(recipe: str, tasks: list[str], lr: float, seeds: int, steps: int, output: Path, quick: bool,
-         device: str = "cpu", progress: bool = True) -> dict:
+         device: str = "cpu", progress: bool = True, only: Optional[list[str]] = None) -> dict:
+    """Train the defaults and each chosen technique's variant (``chosen``); write the report."""
     from .. import optim
 
     if recipe not in RECIPES:
@@ -86,12 +117,10 @@ def main(recipe: str, tasks: list[str], lr: float, seeds: int, steps: int, outpu
     cls = getattr(optim, recipe)
     entries = [("defaults", _variant(recipe), (lr,))]
     labels = {"defaults": f"{recipe}, defaults"}
-    for switch in default_on(cls):
-        entries.append((f"no_{switch}", _variant(recipe, **{switch: False}), (lr,)))
-        labels[f"no_{switch}"] = f"{recipe}, {switch}=False"
-    for name in unswitched(cls):
-        entries.append((f"without_{name}", _variant(recipe, without(cls, (name,))), (lr,)))
-        labels[f"without_{name}"] = f"{recipe}, without {name}"
+    for name, (key, suffix) in chosen(cls, only).items():
+        variant = _variant(recipe, **{name: False}) if key.startswith("no_") else _variant(recipe, without(cls, (name,)))
+        entries.append((key, variant, (lr,)))
+        labels[key] = f"{recipe}, {suffix}"
     on_cell = converge.partial_writer(output, f"ablate-{recipe}", steps, seeds, labels=labels, reference="defaults")
     cells = converge.run(tasks, entries, seeds, steps, quick, device=device, progress=progress, on_cell=on_cell)
     summary = converge.report(cells, steps, seeds, labels=labels, reference="defaults")
