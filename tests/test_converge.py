@@ -200,6 +200,17 @@ def test_ablate_only_runs_the_named_techniques_and_refuses_an_unknown_one(tmp_pa
     assert "--only 'lr_mask'" in err and "use_tam" in err and not (tmp_path / "b" / "ablate-HinaAdamW.json").exists()
 
 
+def test_ablation_variants_of_the_masked_recipes_get_max_lr_ten_times_lr():
+    from hina_kohya.bench import ablate
+    from helpers import TinyLoRANet
+
+    for recipe, masked in (("HinaAdamW", False), ("AdaptiveHinaAdamW", True), ("Automagic_CameAMP_Improved", True)):
+        opt = ablate._variant(recipe)(TinyLoRANet(0).groups(lrs=(2e-3, 2e-3)), 2e-3)
+        assert ("max_lr" in opt.defaults) is masked
+        if masked:
+            assert opt.defaults["max_lr"] == pytest.approx(2e-2)
+
+
 def test_a_transform_left_out_is_gone_from_every_chain_and_the_recipe_still_trains():
     import torch
 

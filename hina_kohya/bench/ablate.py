@@ -73,8 +73,10 @@ def without(cls: type, names: tuple[str, ...]) -> type:
 
 
 def _variant(recipe: str, cls: type = None, **kw) -> Callable:
-    # the recipes with lr masks get max_lr = 10 x lr, as in bench converge
-    masked = recipe.startswith(("Automagic", "AdaptiveHinaAdamW"))
+    # the recipes with lr masks (a max_lr argument) get max_lr = 10 x lr, as in bench converge
+    from .. import optim
+
+    masked = "max_lr" in inspect.signature(getattr(optim, recipe)).parameters
     return (converge._masked if masked else converge._hina)(cls or recipe, **kw)
 
 
