@@ -4,13 +4,16 @@ importance / relationship scaling. Works without parameter names (roles make it 
 Recipe, in order (switches in brackets):
 
     HinaAdamW's gradient transforms and moments (orthogonal gradient, AGR, TAM, ADOPT / Adam)
-    [use_cautious] Cautious, [use_grams] Grams          (the original never applied Grams, defect 20)
+    [use_cautious] Cautious, or else [use_grams] Grams  (the original never applied Grams, defect 20)
     [use_lr_mask]  LRMask                               per-element rates, scheduler-relative
     [use_dynamic_adaptation] ImportanceScaling          importance x relationship factors
     [dynamic_weight_decay] DynamicWeightDecay("all")    every parameter, as the original
     [use_spd]      SelectiveProjectionDecay
 
 Arguments and defaults are the original's (ALGORITHMS.md §3.2) plus the engine options.
+Cautious stays the default shaping: with ``max_lr`` at its default (1e-3) every rate is in the
+range where it measured better than Grams; with ``max_lr`` raised to AdamW's best lr or beyond,
+``use_cautious=False`` (Grams) was level or better and did not collapse (docs/BENCHMARKS.md).
 Every adaptive quantity (masks, polarity, importance, anchors, TAM state, step counters) lives in
 the optimizer state and survives a checkpoint (the original kept them in Python dicts, defect 26).
 """
