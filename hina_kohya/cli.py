@@ -100,6 +100,9 @@ def _cmd_bench_ablate(args: argparse.Namespace) -> int:
     def run(seeds: int, steps: int):
         if not (args.lr > 0):
             raise _Refused(f"--lr {args.lr}: must be positive, e.g. 1e-3")
+        from . import optim
+
+        ablate.chosen(getattr(optim, args.recipe), args.only)  # a bad --only is refused before anything else
         missing = converge.missing_packages([], args.task or list(converge.TASKS))
         if missing:
             raise _Refused(f"the tasks need {' '.join(missing)}: pip install {' '.join(missing)} "
