@@ -86,6 +86,24 @@ def _hard_values(signed: bool) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("signed", [True, False])
+def test_each_lookup_bucket_holds_at_most_one_map_midpoint(signed):
+    """The encoder's premise (its buckets are narrower than the map's tightest spacing); checked
+    here rather than when the tables are built, which happens in an optimizer's first 8-bit step,
+    where it would be the step's only tensor-to-Python conversions."""
+    table = dynamic_map(signed)
+    mids = (table[1:] + table[:-1]) / 2
+    u = torch.arange(quant._LOOKUP_FIRST, quant._LOOKUP_FIRST + quant._LOOKUP_BUCKETS, dtype=torch.int64)
+    low = (u << quant._SHIFT).to(torch.int32).view(torch.float32).clone()
+    high = (((u + 1) << quant._SHIFT) - 1).to(torch.int32).view(torch.float32)
+    low[0] = 0.0
+    counts = [torch.searchsorted(mids, hi) - torch.searchsorted(mids, lo) for lo, hi in ((low, high), (-high, -low))]
+    assert all(c.max() <= 1 for c in counts)
+    assert counts[0].sum() == (mids > 0).sum()  # the buckets cover every positive midpoint
+    base, above = quant.lookup_tables(signed)
+    assert base.shape == above.shape == (2 * quant._LOOKUP_BUCKETS,)
+
+
+@pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("compiled", [True, False])
 def test_lookup_encoder_gives_the_nearest_codes_bit_for_bit(signed, compiled):
     x = _hard_values(signed)
