@@ -137,6 +137,27 @@ class Bucket:
     def __len__(self) -> int:
         return len(self.params)
 
+    def subset(self, idx: list[int]) -> "Bucket":
+        """The tensors ``idx`` of this bucket as a bucket of their own, after ``prepare`` and
+        before any update: every per-tensor list (the ``prepare`` hooks' outputs included) is
+        sliced, the tensors in them are shared. The list-wise path runs its ``foreach`` transforms
+        on such slices to bound a step's temporaries (transforms work per tensor once
+        ``prepare`` has run on the whole bucket)."""
+        if self._update is not None or self._ratio is not None or self.m_input is not None:
+            raise RuntimeError("Bucket.subset: take slices before any transform's foreach has run")
+
+        def pick(xs):
+            return None if xs is None else [xs[i] for i in idx]
+
+        sub = Bucket(self.hp, pick(self.params), pick(self.grads), {k: pick(v) for k, v in self.state.items()},
+                     pick(self.steps), pick(self.roles), pick(self.indices), self.compute_dtype, self.opt)
+        sub.lr_scale, sub.lr_scale_t, sub.update_scale_t = (pick(self.lr_scale), pick(self.lr_scale_t),
+                                                            pick(self.update_scale_t))
+        sub.lr_mask, sub.decay_scale, sub.lr_mask_scale = pick(self.lr_mask), pick(self.decay_scale), self.lr_mask_scale
+        sub.extras = {k: pick(v) for k, v in self.extras.items()}
+        sub.scratch = {k: pick(v) if isinstance(v, list) and len(v) == len(self) else v for k, v in self.scratch.items()}
+        return sub
+
     def role_flags(self, predicate: Callable[[Any], bool]) -> list[Tensor]:
         """Per tensor a 0-d 1 where ``predicate(role)`` holds, else 0: a role-based decision the
         per-tensor math (and so the fused kernels, which see no roles) gets through ``extras``."""

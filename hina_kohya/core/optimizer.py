@@ -267,32 +267,81 @@ class HinaOptimizer(torch.optim.Optimizer):
         steps = [st["step"] + 1 for st in states]
         grads = [p.grad if p.grad.dtype == cdtype else p.grad.to(cdtype) for p in params]
         fused = self.fused
-        # the fused kernels read and write fp16 states as stored (the cast happens in the kernel),
-        # and decode 8-bit states one kernel call at a time (``Encoded``; no transform's prepare
-        # reads a quantizable state)
-        views = {s.key: [self.store.read(st, s, cdtype, keep_fp16=fused, lazy=fused) if s.key in st else None
+        # the fused kernels read and write fp16 states as stored (the cast happens in the kernel);
+        # 8-bit states stay encoded (``Encoded``) until a path decodes the few tensors it is about
+        # to step -- one kernel call's, one list-wise slice's, one tensor's -- and encodes them
+        # back right after, so a step never holds a whole group's 8-bit state in fp32 (no
+        # transform's prepare reads a quantizable state)
+        views = {s.key: [self.store.read(st, s, cdtype, keep_fp16=fused, lazy=True) if s.key in st else None
                          for st in states] for s in specs}
         b = Bucket(group, params, grads, views, steps, roles, indices, cdtype, opt=self)
         for t in chain.transforms:
             t.prepare(b)
-        if not (fused and self._run_fused(gi, b, states, chain)):
+        if fused and self._run_fused(gi, b, states, chain):
+            self._record(b, record)
+        else:
             if fused:  # compilation failed before anything was updated: redo the views for eager
                 self._reread_for_eager(b, range(len(b)))
             if (self.foreach or fused) and all(t.has_foreach for t in chain.transforms):
-                if self.skip_nonfinite:
-                    self._snapshot(b, states)
-                for t in chain.transforms:
-                    t.foreach(b)
-                self._write_back(b, states, chain)
+                for idx in self._slices(b):
+                    self._run_foreach(b.subset(idx) if len(idx) < len(b) else b, [states[i] for i in idx], chain,
+                                      record)
             else:
                 self._run_per_tensor(b, states, chain.transforms, None)
-        self._record(b, record)
+                self._record(b, record)
         for s in specs:
             for st, value, t, idx in zip(states, views[s.key], steps, indices):
                 if value is not None:
                     self.store.write(st, s, value, t, idx)
         for st, t in zip(states, steps):
             st["step"] = t
+
+    #: the list-wise path steps a bucket in slices of about this many elements: its snapshot,
+    #: its temporaries (a few per state and transform) and its decoded 8-bit states then take
+    #: memory in proportion to one slice, not to the whole bucket (a full fine-tune's group).
+    #: 2**24 elements = 64 MiB per fp32 list; rank-16 LoRA sets of SD1.5 fit in one slice.
+    SLICE_ELEMENTS = 1 << 24
+
+    def _slices(self, b: Bucket) -> list[list[int]]:
+        """Consecutive index ranges of ``b`` of at most ``SLICE_ELEMENTS`` elements each (a
+        larger tensor alone)."""
+        out: list[list[int]] = [[]]
+        size = 0
+        for i, p in enumerate(b.params):
+            if out[-1] and size + p.numel() > self.SLICE_ELEMENTS:
+                out.append([])
+                size = 0
+            out[-1].append(i)
+            size += p.numel()
+        return out
+
+    def _run_foreach(self, b: Bucket, states: list[dict], chain: Chain, record: dict) -> None:
+        """The list-wise path over ``b`` (a slice of a bucket), between the decode and the
+        encode of its 8-bit states."""
+        decoded = self._decode(b, range(len(b)))
+        if self.skip_nonfinite:
+            self._snapshot(b, states)
+        for t in chain.transforms:
+            t.foreach(b)
+        self._write_back(b, states, chain)
+        self._encode(b, decoded)
+        self._record(b, record)
+
+    @staticmethod
+    def _decode(b: Bucket, indices: Iterable[int]) -> list[tuple[str, int, Encoded]]:
+        """Decode the 8-bit states of tensors ``indices`` in ``b``'s views; return what
+        ``_encode`` needs to store them back and drop the decoded tensors."""
+        handles = [(key, i, views[i]) for key, views in b.state.items() for i in indices
+                   if isinstance(views[i], Encoded)]
+        for (key, i, _), value in zip(handles, quant.decode_fresh([h for _, _, h in handles])):
+            b.state[key][i] = value
+        return handles
+
+    @staticmethod
+    def _encode(b: Bucket, handles: list[tuple[str, int, Encoded]]) -> None:
+        quant.encode_all([(h, b.state[key][i]) for key, i, h in handles])
+        for key, i, h in handles:
+            b.state[key][i] = h
 
     # -- write-back: the single place parameters change ------------------------------------
     def _write_back(self, b: Bucket, states: list[dict], chain: Chain) -> None:
@@ -383,6 +432,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         if eager:
             hp = fused_mod.hp_tensors(b.hp, device, b.compute_dtype)
         for i in eager:
+            decoded = self._decode(b, [i])
             t, lr_scale, decay, mask_scale = (torch.tensor(v, dtype=b.compute_dtype, device=device)
                                               for v in self._tensor_numbers(b, i))
             rate = lr_scale if b.lr_scale_t is None else lr_scale * b.lr_scale_t[i]
@@ -391,8 +441,10 @@ class HinaOptimizer(torch.optim.Optimizer):
             x.extra = {k: v[i] for k, v in b.extras.items()}
             static = static_keys(transforms, b.steps[i], b.hp)
             targets[i].copy_(tensor_step(transforms, x, self.skip_nonfinite, static))
+            self._encode(b, decoded)
             kept[i] = x.scratch.get("cautious_kept")
             b.scratch.setdefault("skipped", []).append(x.scratch["skipped"].reshape(1))
+            del x  # its decoded states go before the next tensor's are decoded
         if any(getattr(t, "name", "") == "cautious" for t in transforms):
             b.scratch["cautious_kept"] = kept
         self._finish(b, states, targets)
@@ -406,14 +458,13 @@ class HinaOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _reread_for_eager(b: Bucket, indices: Iterable[int]) -> None:
-        """The views of tensors ``indices`` as the eager paths need them: fp16 states cast to the
-        compute dtype, 8-bit states decoded (``_run_bucket`` encodes them back at the end)."""
+        """The views of tensors ``indices`` as the eager paths need them: fp16 states (kept as
+        stored for the kernels) cast to the compute dtype (``_run_bucket`` stores them back at
+        the end). 8-bit states stay encoded: the eager paths decode them as they go."""
         for key, views in b.state.items():
             for j in indices:
                 v = views[j]
-                if isinstance(v, Encoded):
-                    views[j] = v.decode()
-                elif v is not None and v.dtype == torch.float16 and b.compute_dtype != torch.float16:
+                if isinstance(v, Tensor) and v.dtype == torch.float16 and b.compute_dtype != torch.float16:
                     views[j] = v.to(b.compute_dtype)
 
     def _run_chunks(self, b: Bucket, states: list[dict], targets: list[Tensor], fused: tuple,

@@ -366,7 +366,8 @@ class Encoded:
     The fused path decodes it one kernel call at a time into a reusable buffer (``decode_all``)
     and encodes the result back into the same codes and block maxima (``encode_all``), so a
     step never holds a whole 8-bit state in fp32 (which would make the step's peak memory
-    larger than with fp32 state). ``decode()`` gives a fresh tensor for the other paths.
+    larger than with fp32 state). The eager paths decode a few tensors' states at a time into
+    fresh tensors (``decode_fresh``) and encode them back when those tensors are done.
     """
 
     __slots__ = ("quantizer", "codes", "absmax", "signed", "dtype")
@@ -380,9 +381,6 @@ class Encoded:
 
     def numel(self) -> int:
         return self.codes.numel()
-
-    def decode(self) -> Tensor:
-        return self.quantizer.decode(self.codes, self.absmax, self.signed).to(self.dtype)
 
 
 def _by_map(pairs: list[tuple[Encoded, Tensor]]) -> dict[tuple[int, bool], list[tuple[Encoded, Tensor]]]:
@@ -398,6 +396,14 @@ def decode_all(pairs: list[tuple[Encoded, Tensor]]) -> None:
     for group in _by_map(pairs).values():
         q, signed = group[0][0].quantizer, group[0][0].signed
         q.decode_many([h.codes for h, _ in group], [h.absmax for h, _ in group], signed, [buf for _, buf in group])
+
+
+def decode_fresh(handles: list[Encoded]) -> list[Tensor]:
+    """Each handle decoded into a new fp32 tensor of its shape (batched as ``decode_all``; only fp32
+    compute reads lazily)."""
+    out = [torch.empty(h.shape, dtype=torch.float32, device=h.codes.device) for h in handles]
+    decode_all(list(zip(handles, out)))
+    return out
 
 
 def encode_all(pairs: list[tuple[Encoded, Tensor]]) -> None:
