@@ -339,8 +339,8 @@ class HinaOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _encode(b: Bucket, handles: list[tuple[str, int, Encoded]]) -> None:
-        quant.encode_all([(h, b.state[key][i]) for key, i, h in handles])
-        for key, i, h in handles:
+        for key, i, h in handles:  # one codec call per state, as ``quant.decode_fresh``
+            quant.encode_all([(h, b.state[key][i])])
             b.state[key][i] = h
 
     # -- write-back: the single place parameters change ------------------------------------

@@ -399,10 +399,12 @@ def decode_all(pairs: list[tuple[Encoded, Tensor]]) -> None:
 
 
 def decode_fresh(handles: list[Encoded]) -> list[Tensor]:
-    """Each handle decoded into a new fp32 tensor of its shape (batched as ``decode_all``; only fp32
-    compute reads lazily)."""
+    """Each handle decoded into a new fp32 tensor of its shape (only fp32 compute reads lazily).
+    One codec call per state: a batched call is compiled per arrangement of its states, and the
+    eager paths' slices hold hundreds of states in arrangements that differ from slice to slice."""
     out = [torch.empty(h.shape, dtype=torch.float32, device=h.codes.device) for h in handles]
-    decode_all(list(zip(handles, out)))
+    for h, o in zip(handles, out):
+        decode_all([(h, o)])
     return out
 
 
