@@ -31,6 +31,18 @@ def test_bench_step_quick_writes_finite_results(tmp_path, capsys):
     assert rows[0]["min_traffic_bytes"] == (2 * 4 + 4 + 2 * 8) * n
     assert 0 < rows[0]["achieved_gbps"] and 0 < rows[0]["copy_gbps"]
     assert "| HinaAdamW, techniques off, fp32 state | tiny |" in capsys.readouterr().out
+    assert all(r["step_peak_mib"] >= 0 or math.isnan(r["step_peak_mib"]) for r in rows)
+
+
+def test_step_peak_counts_what_a_step_allocates_and_frees():
+    """The peak column: a step that allocates and frees 64 MiB shows ~64 MiB; one that only
+    writes existing tensors shows ~0 (what is held before the step is not counted)."""
+    held = torch.zeros(16 * 2 ** 20)  # 64 MiB allocated before the measured step
+    alloc = step.step_peak_mib(lambda: torch.ones(16 * 2 ** 20).sum(), torch.device("cpu"))
+    if math.isnan(alloc):
+        pytest.skip("resident-set peak not available on this platform")
+    assert 60 <= alloc <= 80, alloc
+    assert step.step_peak_mib(lambda: held.add_(1.0), torch.device("cpu")) < 8
 
 
 def test_bench_8bit_state_bytes_on_a_real_sized_set():

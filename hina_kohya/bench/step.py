@@ -12,11 +12,20 @@ bytes + 2 x state bytes, and ``achieved_gbps`` = that / the median step time. Op
 memory-bound; ``copy_gbps`` (``copy_bandwidth``: a large tensor copy on the same device, read +
 write) is what this device reaches in practice, so achieved / copy says how close a step comes to
 the bandwidth limit.
+
+Peak step memory (``step_peak_mib``): what one step allocates above what is held before it -- its
+temporaries, snapshots and decoded 8-bit states -- the number that decides an out-of-memory error
+together with the state. On GPUs the caching allocator's peak (exact); on Linux CPUs the peak of
+the resident set (``VmHWM``, reset before the step; free heap memory is returned to the system
+first so that reused memory is counted); elsewhere not measured (NaN).
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -134,6 +143,7 @@ class StepResult:
     error: str = ""
     min_traffic_bytes: float = float("nan")
     achieved_gbps: float = float("nan")
+    step_peak_mib: float = float("nan")
 
 
 def _state_bytes(st: dict) -> int:
@@ -183,6 +193,40 @@ def _timed(opt: torch.optim.Optimizer, device: torch.device) -> float:
     return _timed_fn(opt.step, device)
 
 
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _resident_peak_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def step_peak_mib(step: Callable[[], object], device: torch.device) -> float:
+    """MiB one call of ``step`` allocates above what is allocated before it (see the module docstring)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc: hand cached free memory back, so reuse shows
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+        before = _resident_bytes()
+    except OSError:  # not Linux / glibc: not measured
+        return float("nan")
+    step()
+    return max(0, _resident_peak_bytes() - before) / 2 ** 20
+
+
 def _percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     k = (len(xs) - 1) * q
@@ -203,6 +247,7 @@ def run_one(name: str, paramset: str, device: str = "cpu", rounds: int = 30, war
             cand.step()
         with count_host_syncs() as syncs:
             cand.step()
+        peak = step_peak_mib(cand.step, dev)
         ratios, ms, ref_ms = [], [], []
         for r in range(rounds):
             if r % 2 == 0:
@@ -221,7 +266,7 @@ def run_one(name: str, paramset: str, device: str = "cpu", rounds: int = 30, war
     return StepResult(name, label, paramset, device, statistics.median(ratios), _percentile(ratios, 0.1),
                       _percentile(ratios, 0.9), statistics.median(ms), statistics.median(ref_ms),
                       state_bytes_per_element(cand), float(syncs.count), rounds, "", traffic,
-                      traffic / (statistics.median(ms) / 1e3) / 1e9)
+                      traffic / (statistics.median(ms) / 1e3) / 1e9, peak)
 
 
 def describe_set(paramset: str) -> str:
@@ -232,15 +277,16 @@ def describe_set(paramset: str) -> str:
 def markdown(results: list[StepResult], copy_gbps: Optional[float] = None) -> str:
     of_copy = f" (of copy, {copy_gbps:.1f} GB/s)" if copy_gbps else ""
     lines = ["| optimizer | set | step ratio vs AdamW foreach (median [p10, p90]) | ms/step | AdamW ms/step "
-             f"| state B/elem | host syncs/step | achieved GB/s{of_copy} |", "|---|---|---|---|---|---|---|---|"]
+             f"| state B/elem | step peak MiB | host syncs/step | achieved GB/s{of_copy} |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.error:
-            lines.append(f"| {r.label} | {r.paramset} | not run: {r.error} | | | | | |")
+            lines.append(f"| {r.label} | {r.paramset} | not run: {r.error} | | | | | | |")
             continue
         frac = f" ({r.achieved_gbps / copy_gbps:.0%})" if copy_gbps else ""
         lines.append(f"| {r.label} | {r.paramset} | {r.ratio_median:.3f} [{r.ratio_p10:.3f}, {r.ratio_p90:.3f}] | "
                      f"{r.ms_median:.2f} | {r.ref_ms_median:.2f} | {r.state_bytes_per_element:.3f} | "
-                     f"{r.host_syncs_per_step:.0f} | {r.achieved_gbps:.1f}{frac} |")
+                     f"{r.step_peak_mib:.0f} | {r.host_syncs_per_step:.0f} | {r.achieved_gbps:.1f}{frac} |")
     return "\n".join(lines)
 
 
