@@ -96,21 +96,29 @@ def test_optimizers_with_the_same_recipe_share_one_kernel():
     assert shared and all(o1._kernels[0][0][k] is o2._kernels[0][0][k] for k in shared)
 
 
-def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
+@pytest.mark.parametrize("cls,precision", [("HinaAdamW", "fp32"), ("HinaAdamW", "8bit"),
+                                             ("Automagic_CameAMP", "8bit")])  # list-wise / per-tensor eager
+def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, cls, precision):
+    import hina_kohya
+
     def broken(*args, **kwargs):
         def kernel(*a, **k):
             raise RuntimeError("no C++ compiler")
         return kernel
     monkeypatch.setattr(fused_mod, "make_kernel", broken)
     a, b = TinyLoRANet(3), TinyLoRANet(3)
-    ref = HinaAdamW(a.groups(), fused=False)
-    opt = HinaAdamW(b.groups(), fused=True)
+    kw = dict(state_precision=precision, min_8bit_size=16)
+    ref = getattr(hina_kohya, cls)(a.groups(), fused=False, **kw)
+    opt = getattr(hina_kohya, cls)(b.groups(), fused=True, **kw)
     with pytest.warns(UserWarning, match="fused kernels are unavailable"):
         train(b, opt, 5)
     train(a, ref, 5)
     assert not opt.fused
     for x, y in zip(params_of(a), params_of(b)):
-        torch.testing.assert_close(y, x)
+        torch.testing.assert_close(y, x, rtol=0, atol=0)
+    for p, q in zip(a.parameters(), b.parameters()):
+        for key, value in ref.state[p].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt.state[q][key])), key
 
 
 def test_default_fuses_every_chain_unless_switched_off(monkeypatch):
