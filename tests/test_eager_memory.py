@@ -1,6 +1,6 @@
 """The eager paths (``fused=False``, or where compilation is unavailable) hold a bounded part of a
-step in memory: the list-wise path steps a bucket in slices, and 8-bit states are decoded a slice
-or a tensor at a time -- never a whole param group's -- with the results of the whole-bucket step."""
+step in memory: the list-wise path steps a bucket in slices, and 8-bit and bf16 states are decoded a
+slice or a tensor at a time -- never a whole param group's -- with the results of the whole-bucket step."""
 
 import weakref
 
@@ -47,7 +47,7 @@ class _GradHook:
 
 
 @pytest.mark.parametrize("cls,kw", CASES)
-@pytest.mark.parametrize("precision", ["fp32", "8bit"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "8bit"])
 def test_listwise_slices_equal_the_whole_bucket_bit_for_bit(cls, kw, precision):
     whole_model, whole = _trained(cls, kw, precision, 1 << 30, nan_at=5)
     sliced_model, sliced = _trained(cls, kw, precision, 100, nan_at=5)  # TinyLoRANet's tensors: 64-256 elements
@@ -87,25 +87,33 @@ def _spy_decodes(monkeypatch):
     return calls, alive_before
 
 
+def _compact(st: dict) -> list[str]:
+    """The keys of states stored below fp32 (8-bit codes or bf16)."""
+    return [k for k, v in st.items() if isinstance(v, torch.Tensor) and v.dim() > 0
+            and v.dtype in (torch.uint8, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("precision", ["8bit", "bf16"])
 @pytest.mark.parametrize("cls,kw,slice_elements", [
     (HinaAdamW, ALL_ON, 100),  # the list-wise path, in slices
     (Automagic_CameAMP, dict(warmup_steps=3), 1 << 30),  # the per-tensor eager path
 ])
-def test_eager_paths_decode_8bit_states_a_slice_or_a_tensor_at_a_time(monkeypatch, cls, kw, slice_elements):
+def test_eager_paths_decode_compact_states_a_slice_or_a_tensor_at_a_time(monkeypatch, cls, kw, slice_elements,
+                                                                         precision):
     model = TinyLoRANet(3)
-    opt = cls(model.groups(), fused=False, lr=1e-2, state_precision="8bit", min_8bit_size=16, **kw)
+    opt = cls(model.groups(), fused=False, lr=1e-2, state_precision=precision, min_8bit_size=16, **kw)
     opt.SLICE_ELEMENTS = slice_elements
     train(model, opt, 2)
-    quantized = [p for p in model.parameters() if any(k.endswith(".absmax") for k in opt.state[p])]
-    assert len(quantized) >= 4, "the test needs several tensors with 8-bit state"
+    compact = [p for p in model.parameters() if _compact(opt.state[p])]
+    assert len(compact) >= 4, "the test needs several tensors with 8-bit / bf16 state"
     calls, alive_before = _spy_decodes(monkeypatch)
     before = params_of(model)
     train(model, opt, 2, start=2)
     assert len(calls) >= 2 * 3  # per step, several slices or tensors
     assert max(alive_before) == 0  # each batch's decoded states were gone before the next was decoded
-    per_call = [len(c) for c in calls]
-    states = sum(k.endswith(".absmax") for p in quantized for k in opt.state[p])
-    assert max(per_call) < states  # never a whole group's states at once
+    states = sum(len(_compact(opt.state[p])) for p in compact)
+    assert sum(len(c) for c in calls) == 2 * states  # each state decoded once per step, by the spied path
+    assert max(len(c) for c in calls) < states  # never a whole group's states at once
     assert all(not torch.equal(a, b) for a, b in zip(before, params_of(model)))  # the steps did run
 
 

@@ -307,3 +307,22 @@ def test_8bit_states_are_decoded_one_kernel_call_at_a_time(monkeypatch):
     train(a, oa, 2, start=3)
     for x, y in zip(params_of(a), params_of(b)):
         torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_states_are_widened_one_kernel_call_at_a_time():
+    """bf16 state goes through the same per-call buffers as 8-bit state (widened before the call,
+    rounded stochastically back after it): widening a whole group up front held it in fp32 as
+    well as in bf16, a higher peak than fp32 state."""
+    a, oa, b, ob = _pair(HinaAdamW, "bf16")
+    train(a, oa, 4)
+    train(b, ob, 4)
+    assert ob.fused
+    buffers = [buf for entry in ob._plans.values() for buf in entry[4]]
+    assert buffers and all(buf.untyped_storage().nbytes() == 0 for buf in buffers)  # no memory between steps
+    for p, q in zip(a.parameters(), b.parameters()):
+        for key, value in oa.state[p].items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                assert ob.state[q][key].dtype == value.dtype == torch.bfloat16
+                torch.testing.assert_close(ob.state[q][key].float(), value.float(), rtol=2e-2, atol=1e-6)
+    for x, y in zip(params_of(a), params_of(b)):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)

@@ -268,12 +268,12 @@ class HinaOptimizer(torch.optim.Optimizer):
         grads = [p.grad if p.grad.dtype == cdtype else p.grad.to(cdtype) for p in params]
         fused = self.fused
         # the fused kernels read and write fp16 states as stored (the cast happens in the kernel);
-        # 8-bit states stay encoded (``Encoded``) until a path decodes the few tensors it is about
-        # to step -- one kernel call's, one list-wise slice's, one tensor's -- and encodes them
-        # back right after, so a step never holds a whole group's 8-bit state in fp32 (no
+        # 8-bit and bf16 states stay encoded (``Encoded``) until a path decodes the few tensors it
+        # is about to step -- one kernel call's, one list-wise slice's, one tensor's -- and encodes
+        # them back right after, so a step never holds a whole group's state in fp32 (no
         # transform's prepare reads a quantizable state)
-        views = {s.key: [self.store.read(st, s, cdtype, keep_fp16=fused, lazy=True) if s.key in st else None
-                         for st in states] for s in specs}
+        views = {s.key: [self.store.read(st, s, cdtype, keep_fp16=fused, lazy=True, step=t, index=i)
+                         if s.key in st else None for st, t, i in zip(states, steps, indices)] for s in specs}
         b = Bucket(group, params, grads, views, steps, roles, indices, cdtype, opt=self)
         for t in chain.transforms:
             t.prepare(b)

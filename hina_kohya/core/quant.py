@@ -360,20 +360,40 @@ class Quantizer:
             o.view(c.shape).copy_(self._decode_bnb(c, a, signed).view(c.shape))
 
 
+class BF16Codec:
+    """bf16 state as ``Encoded`` handles see it: decoding is an exact widening, encoding rounds
+    stochastically with the handle's seed (``StateStore.round_bf16``, so that slow EMAs still move)."""
+
+    def __init__(self, store: "StateStore") -> None:
+        self.store = store
+
+    def decode_many(self, codes: list[Tensor], absmax: list[Any], signed: bool, out: list[Tensor]) -> None:
+        for c, o in zip(codes, out):
+            o.view(c.shape).copy_(c)
+
+    def encode_seeded(self, xs: list[Tensor], codes: list[Tensor], seeds: list[int]) -> None:
+        for x, c, seed in zip(xs, codes, seeds):
+            c.copy_(self.store.round_bf16(x.view(c.shape), seed))
+
+
 class Encoded:
-    """An 8-bit state of this step, not decoded yet (``StateStore.read(..., lazy=True)``).
+    """A state of this step stored below the compute precision (8-bit codes, or bf16), not decoded
+    yet (``StateStore.read(..., lazy=True)``).
 
     The fused path decodes it one kernel call at a time into a reusable buffer (``decode_all``)
     and encodes the result back into the same codes and block maxima (``encode_all``), so a
-    step never holds a whole 8-bit state in fp32 (which would make the step's peak memory
-    larger than with fp32 state). The eager paths decode a few tensors' states at a time into
-    fresh tensors (``decode_fresh``) and encode them back when those tensors are done.
+    step never holds a whole 8-bit or bf16 state in fp32 (which would make the step's peak
+    memory larger than with fp32 state). The eager paths decode a few tensors' states at a time
+    into fresh tensors (``decode_fresh``) and encode them back when those tensors are done.
+    ``quantizer`` is the codec (a ``Quantizer``, or ``BF16Codec`` with the rounding ``seed``).
     """
 
-    __slots__ = ("quantizer", "codes", "absmax", "signed", "dtype")
+    __slots__ = ("quantizer", "codes", "absmax", "signed", "dtype", "seed")
 
-    def __init__(self, quantizer: Quantizer, codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype) -> None:
+    def __init__(self, quantizer: Any, codes: Tensor, absmax: Optional[Tensor], signed: bool, dtype: torch.dtype,
+                 seed: int = 0) -> None:
         self.quantizer, self.codes, self.absmax, self.signed, self.dtype = quantizer, codes, absmax, signed, dtype
+        self.seed = seed
 
     @property
     def shape(self) -> torch.Size:
@@ -413,7 +433,10 @@ def encode_all(pairs: list[tuple[Encoded, Tensor]]) -> None:
     batched as ``decode_all``."""
     for group in _by_map(pairs).values():
         q, signed = group[0][0].quantizer, group[0][0].signed
-        q.encode_many([buf for _, buf in group], signed, [h.codes for h, _ in group], [h.absmax for h, _ in group])
+        if isinstance(q, BF16Codec):
+            q.encode_seeded([buf for _, buf in group], [h.codes for h, _ in group], [h.seed for h, _ in group])
+        else:
+            q.encode_many([buf for _, buf in group], signed, [h.codes for h, _ in group], [h.absmax for h, _ in group])
 
 
 def stored_tensor(view: Any) -> Any:
@@ -439,6 +462,7 @@ class StateStore:
         self.min_quant_numel = int(min_quant_numel)
         self.seed = int(seed)
         self.quantizer = Quantizer(quant_backend)
+        self._bf16 = BF16Codec(self)
         self._generators: dict[torch.device, torch.Generator] = {}
 
     # -- format --------------------------------------------------------------------------
@@ -485,11 +509,12 @@ class StateStore:
 
     # -- read / write each step ----------------------------------------------------------
     def read(self, state: dict, spec: StateSpec, compute_dtype: torch.dtype, keep_fp16: bool = False,
-             lazy: bool = False) -> Any:
+             lazy: bool = False, step: int = 0, index: int = 0) -> Any:
         """A compute-dtype tensor holding the state; for "plain" it is the state tensor itself, and
         with ``keep_fp16`` an fp16 state too (for kernels that cast on load and store). With
-        ``lazy``, an 8-bit state comes back as an ``Encoded`` handle, decoded by the caller when
-        and where it needs it."""
+        ``lazy``, an 8-bit or bf16 state comes back as an ``Encoded`` handle, decoded by the caller
+        when and where it needs it (``step`` and ``index``: the tensor's, for bf16's rounding seed,
+        as ``write`` takes them)."""
         stored = state[spec.key]
         absmax = state.get(spec.key + ABSMAX_SUFFIX)
         if absmax is not None:
@@ -498,6 +523,8 @@ class StateStore:
             return self.quantizer.decode(stored, absmax, spec.signed)
         if stored.dtype == compute_dtype or (keep_fp16 and stored.dtype == torch.float16):
             return stored
+        if lazy and stored.dtype == torch.bfloat16 and compute_dtype == torch.float32:
+            return Encoded(self._bf16, stored, None, spec.signed, compute_dtype, _seed(self.seed, step, index, spec.key))
         return stored.to(compute_dtype)
 
     def write(self, state: dict, spec: StateSpec, value: Tensor, step: int, index: int) -> None:
