@@ -14,10 +14,11 @@ write) is what this device reaches in practice, so achieved / copy says how clos
 the bandwidth limit.
 
 Peak step memory (``step_peak_mib``): what one step allocates above what is held before it -- its
-temporaries, snapshots and decoded 8-bit states -- the number that decides an out-of-memory error
+temporaries, snapshots and decoded 8-bit / bf16 states -- the number that decides an out-of-memory error
 together with the state. On GPUs the caching allocator's peak (exact); on Linux CPUs the peak of
 the resident set (``VmHWM``, reset before the step; free heap memory is returned to the system
-first so that reused memory is counted); elsewhere not measured (NaN).
+first so that reused memory is counted); elsewhere (other platforms, other devices) not
+measured (NaN).
 """
 
 from __future__ import annotations
@@ -216,6 +217,8 @@ def step_peak_mib(step: Callable[[], object], device: torch.device) -> float:
         step()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+    if device.type != "cpu":  # another accelerator: its memory is not the process's resident set
+        return float("nan")
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc: hand cached free memory back, so reuse shows
         with open("/proc/self/clear_refs", "w") as f:

@@ -297,7 +297,7 @@ class HinaOptimizer(torch.optim.Optimizer):
             st["step"] = t
 
     #: the list-wise path steps a bucket in slices of about this many elements: its snapshot,
-    #: its temporaries (a few per state and transform) and its decoded 8-bit states then take
+    #: its temporaries (a few per state and transform) and its decoded 8-bit / bf16 states then take
     #: memory in proportion to one slice, not to the whole bucket (a full fine-tune's group).
     #: 2**24 elements = 64 MiB per fp32 list; rank-16 LoRA sets of SD1.5 fit in one slice.
     SLICE_ELEMENTS = 1 << 24
@@ -317,7 +317,7 @@ class HinaOptimizer(torch.optim.Optimizer):
 
     def _run_foreach(self, b: Bucket, states: list[dict], chain: Chain, record: dict) -> None:
         """The list-wise path over ``b`` (a slice of a bucket), between the decode and the
-        encode of its 8-bit states."""
+        encode of its 8-bit / bf16 states."""
         decoded = self._decode(b, range(len(b)))
         if self.skip_nonfinite:
             self._snapshot(b, states)
@@ -329,7 +329,7 @@ class HinaOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _decode(b: Bucket, indices: Iterable[int]) -> list[tuple[str, int, Encoded]]:
-        """Decode the 8-bit states of tensors ``indices`` in ``b``'s views; return what
+        """Decode the 8-bit / bf16 states of tensors ``indices`` in ``b``'s views; return what
         ``_encode`` needs to store them back and drop the decoded tensors."""
         handles = [(key, i, views[i]) for key, views in b.state.items() for i in indices
                    if isinstance(views[i], Encoded)]
@@ -460,7 +460,7 @@ class HinaOptimizer(torch.optim.Optimizer):
     def _reread_for_eager(b: Bucket, indices: Iterable[int]) -> None:
         """The views of tensors ``indices`` as the eager paths need them: fp16 states (kept as
         stored for the kernels) cast to the compute dtype (``_run_bucket`` stores them back at
-        the end). 8-bit states stay encoded: the eager paths decode them as they go."""
+        the end). 8-bit and bf16 states stay encoded: the eager paths decode them as they go."""
         for key, views in b.state.items():
             for j in indices:
                 v = views[j]
@@ -475,7 +475,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         kernels, _, keys = fused
         statics = [static_keys(kernels["chain"].transforms, s, b.hp) for s in b.steps]
         plan, eager, buffers = self._chunk_plan(b, states, targets, keys, statics)
-        # the 8-bit states' buffers hold memory during the step only (the views into them are
+        # the 8-bit / bf16 states' buffers hold memory during the step only (the views into them are
         # kept with the plan; freeing the storage, not the tensors, keeps them valid)
         for buf in buffers:
             buf.untyped_storage().resize_(buf.numel() * buf.element_size())
@@ -487,7 +487,7 @@ class HinaOptimizer(torch.optim.Optimizer):
 
     def _call_kernels(self, b: Bucket, targets: list[Tensor], fused: tuple, kept: list, plan: list,
                       eager: list[int], statics: list[tuple]) -> list[int]:
-        """The kernel calls of ``plan``, each between the decode and the encode of its 8-bit states."""
+        """The kernel calls of ``plan``, each between the decode and the encode of its 8-bit / bf16 states."""
         kernels, layout, keys = fused
         hp_values = layout.values(b.hp)
         extra_keys = tuple(b.extras)
@@ -509,7 +509,7 @@ class HinaOptimizer(torch.optim.Optimizer):
                     kernels["chain"], layout, keys, k, self.skip_nonfinite, extra_keys, static, device)
             extras = [tuple(b.extras[e][i].detach() for e in extra_keys) for i in idx] if extra_keys else None
             try:
-                quant.decode_all([(b.state[key][i], buf) for i, key, buf in encoded])  # this call's 8-bit states
+                quant.decode_all([(b.state[key][i], buf) for i, key, buf in encoded])  # this call's 8-bit / bf16 states
                 out, skipped = kernels[(k, extra_keys, static, device)](
                     flat_params, [fused_mod.kernel_view(b.grads[i].contiguous(), targets[i]) for i in idx], flat_states,
                     numbers[done:done + k].clone(), extras)  # a fresh tensor: no storage offset to guard on
@@ -526,11 +526,11 @@ class HinaOptimizer(torch.optim.Optimizer):
     def _chunk_plan(self, b: Bucket, states: list[dict], targets: list[Tensor], keys: tuple[str, ...],
                     statics: list[tuple]) -> tuple[list[tuple[list[int], list, list, list]], list[int], list[Tensor]]:
         """The kernel calls of a bucket: per chunk its indices, the kernel views of its parameters
-        and states, and its 8-bit states as (index, key, buffer) -- the call works on buffers they
+        and states, and its 8-bit / bf16 states as (index, key, buffer) -- the call works on buffers they
         are decoded into before it and encoded from after it --; the indices left for the eager
-        path; and the buffers, one per position in a call and 8-bit key, as large as the largest
+        path; and the buffers, one per position in a call and encoded key, as large as the largest
         tensor any call puts there (calls run one after another and share them, so a step holds
-        at most one call's 8-bit states decoded). A chunk's tensors share a shape class and their
+        at most one call's encoded states decoded). A chunk's tensors share a shape class and their
         transforms' ``static_keys`` (e.g. the phase). When every tensor is persistent (the
         parameters themselves, states stored as they are read) the plan is kept and reused while
         the same tensor objects come back (it holds them, so their ids cannot be reused);
