@@ -293,3 +293,27 @@ def test_automagic_candidates_get_room_above_the_lr():
     p = torch.nn.Parameter(torch.zeros(4, 4))
     opt = converge.CANDIDATES["automagic_cameamp"][1]([{"params": [p]}], 3e-3)
     assert opt.param_groups[0]["max_lr"] == pytest.approx(3e-2) and opt.param_groups[0]["lr"] == 3e-3
+
+
+def test_ablate_leaves_out_a_technique_that_starts_after_the_run(tmp_path, capsys):
+    """Improved's Cautious starts at half the warm-up (step 250 of the default 500): in a shorter
+    run its variant is the defaults at the cost of a full run, so it is left out and said so;
+    when it is all that was asked for, the refusal names the step and the --steps that reaches it."""
+    from hina_kohya import optim
+    from hina_kohya.bench import ablate
+    from hina_kohya.cli import main
+
+    improved = optim.Automagic_CameAMP_Improved
+    assert ablate.first_active_step(improved, "cautious") == 250
+    assert ablate.first_active_step(improved, "tam") == 1  # on from the first step, off at half the warm-up
+    assert {ablate.first_active_step(optim.Automagic_CameAMP, n) for n in ablate.techniques(optim.Automagic_CameAMP)} == {1}
+    summary = ablate.main("Automagic_CameAMP_Improved", ["adapter-lora"], 1e-3, 1, 2, tmp_path / "a", quick=True,
+                          progress=True, only=["cautious", "tam"])
+    assert set(summary["tasks"]["adapter-lora"]["rows"]) == {"defaults", "without_tam"}
+    assert summary["left_out"] == {"cautious": "starts at step 250, after the run's 2 steps"}
+    assert "cautious: left out, it starts at step 250" in capsys.readouterr().out
+    assert main(["bench", "ablate", "--quick", "--recipe", "Automagic_CameAMP_Improved", "--only", "cautious",
+                 "--task", "adapter-lora", "--output", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "cautious starts at step 250" in err and "--steps 350" in err
+    assert not (tmp_path / "b" / "ablate-Automagic_CameAMP_Improved.json").exists()

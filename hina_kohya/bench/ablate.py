@@ -89,6 +89,19 @@ def techniques(cls: type) -> dict[str, tuple[str, str]]:
     return out
 
 
+def first_active_step(cls: type, name: str) -> int:
+    """The first step at which technique ``name`` (a switch or a transform's name, as ``chosen``
+    takes it) acts in ``cls`` with its default warm-up: 1, or later for a transform the recipe
+    starts part-way through the warm-up (Automagic_CameAMP_Improved's Cautious: half of it)."""
+    from ..transforms.phase import Phase
+
+    probe = cls([torch.nn.Parameter(torch.zeros(4, 4))], lr=1e-4)
+    target = SWITCHED.get(name, name)
+    warmup = probe.param_groups[0].get("warmup_steps", 0)
+    starts = [t.first_step(warmup) for t in probe.chain_for(0).transforms if isinstance(t, Phase) and t.name == target]
+    return min(starts) if starts else 1
+
+
 def chosen(cls: type, only: Optional[list[str]]) -> dict[str, tuple[str, str]]:
     """The techniques named by ``only`` (a switch such as ``use_tam`` or the transform it
     controls, ``tam``); all of them when ``only`` is empty."""
@@ -117,9 +130,23 @@ def main(recipe: str, tasks: list[str], lr: float, seeds: int, steps: int, outpu
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     cls = getattr(optim, recipe)
+    picked = chosen(cls, only)
+    # a technique that starts after the run's last step would give a row identical to the
+    # defaults' at the cost of a full run: left out, with the step it starts at
+    late = {name: first_active_step(cls, name) for name in picked}
+    late = {name: first for name, first in late.items() if first > steps}
+    if late and len(late) == len(picked):
+        starts = ", ".join(f"{name} starts at step {first}" for name, first in late.items())
+        raise ValueError(f"nothing to ablate: in {recipe}, {starts}, after the run's {steps} steps; "
+                         f"pass --steps {max(late.values()) + 100} or more")
     entries = [("defaults", _variant(recipe), (lr,))]
     labels = {"defaults": f"{recipe}, defaults"}
-    for name, (key, suffix) in chosen(cls, only).items():
+    for name, first in late.items():
+        if progress:
+            print(f"{name}: left out, it starts at step {first} (after the run's {steps} steps)", flush=True)
+    for name, (key, suffix) in picked.items():
+        if name in late:
+            continue
         variant = _variant(recipe, **{name: False}) if key.startswith("no_") else _variant(recipe, without(cls, (name,)))
         entries.append((key, variant, (lr,)))
         labels[key] = f"{recipe}, {suffix}"
@@ -127,5 +154,6 @@ def main(recipe: str, tasks: list[str], lr: float, seeds: int, steps: int, outpu
     cells = converge.run(tasks, entries, seeds, steps, quick, device=device, progress=progress, on_cell=on_cell)
     summary = converge.report(cells, steps, seeds, labels=labels, reference="defaults")
     summary["recipe"], summary["lr"] = recipe, lr
+    summary["left_out"] = {name: f"starts at step {first}, after the run's {steps} steps" for name, first in late.items()}
     converge.write(summary, output, f"ablate-{recipe}")
     return summary

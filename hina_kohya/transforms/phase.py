@@ -23,6 +23,8 @@ mask, the post-update value) is kept only inside the phase.
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -65,6 +67,10 @@ class Phase(Transform):
         if self.end is not None:
             on = on & (t < w * _BOUNDS[self.end])
         return on
+
+    def first_step(self, warmup_steps: float) -> int:
+        """The first step (counted from 1, as ``Bucket.steps``) at which this phase is on."""
+        return 1 if self.start is None else max(1, math.ceil(float(warmup_steps) * _BOUNDS[self.start]))
 
     def static_key(self, step: int, hp: dict) -> bool:
         return bool(self._within(step, float(hp["warmup_steps"])))
