@@ -283,7 +283,7 @@ class HinaOptimizer(torch.optim.Optimizer):
             if fused:  # compilation failed before anything was updated: redo the views for eager
                 self._reread_for_eager(b, range(len(b)))
             if (self.foreach or fused) and all(t.has_foreach for t in chain.transforms):
-                for idx in self._slices(b):
+                for idx in self._slices([p.numel() for p in b.params]):
                     self._run_foreach(b.subset(idx) if len(idx) < len(b) else b, [states[i] for i in idx], chain,
                                       record)
             else:
@@ -302,17 +302,17 @@ class HinaOptimizer(torch.optim.Optimizer):
     #: 2**24 elements = 64 MiB per fp32 list; rank-16 LoRA sets of SD1.5 fit in one slice.
     SLICE_ELEMENTS = 1 << 24
 
-    def _slices(self, b: Bucket) -> list[list[int]]:
-        """Consecutive index ranges of ``b`` of at most ``SLICE_ELEMENTS`` elements each (a
-        larger tensor alone)."""
+    def _slices(self, sizes: list[int]) -> list[list[int]]:
+        """Consecutive ranges of positions in ``sizes`` (tensors' element counts) of at most
+        ``SLICE_ELEMENTS`` elements each (a larger tensor alone)."""
         out: list[list[int]] = [[]]
-        size = 0
-        for i, p in enumerate(b.params):
-            if out[-1] and size + p.numel() > self.SLICE_ELEMENTS:
+        total = 0
+        for i, n in enumerate(sizes):
+            if out[-1] and total + n > self.SLICE_ELEMENTS:
                 out.append([])
-                size = 0
+                total = 0
             out[-1].append(i)
-            size += p.numel()
+            total += n
         return out
 
     def _run_foreach(self, b: Bucket, states: list[dict], chain: Chain, record: dict) -> None:
@@ -431,20 +431,25 @@ class HinaOptimizer(torch.optim.Optimizer):
             self._reread_for_eager(b, eager)
         if eager:
             hp = fused_mod.hp_tensors(b.hp, device, b.compute_dtype)
-        for i in eager:
-            decoded = self._decode(b, [i])
-            t, lr_scale, decay, mask_scale = (torch.tensor(v, dtype=b.compute_dtype, device=device)
-                                              for v in self._tensor_numbers(b, i))
-            rate = lr_scale if b.lr_scale_t is None else lr_scale * b.lr_scale_t[i]
-            x = Slot(targets[i], b.grads[i], {k: v[i] for k, v in b.state.items()}, t, hp, b.roles[i], rate,
-                     decay, mask_scale)
-            x.extra = {k: v[i] for k, v in b.extras.items()}
-            static = static_keys(transforms, b.steps[i], b.hp)
-            targets[i].copy_(tensor_step(transforms, x, self.skip_nonfinite, static))
+            # every tensor's numbers in one host-to-device copy (four per tensor before: on a GPU,
+            # thousands of tiny blocking copies per step); each row's entries are views
+            numbers = torch.tensor([self._tensor_numbers(b, i) for i in eager], dtype=b.compute_dtype, device=device)
+        # 8-bit / bf16 states are decoded a slice of tensors at a time, as on the list-wise path
+        for part in self._slices([b.params[i].numel() for i in eager]):
+            decoded = self._decode(b, [eager[j] for j in part])
+            for row in part:
+                i = eager[row]
+                t, lr_scale, decay, mask_scale = numbers[row].unbind()
+                rate = lr_scale if b.lr_scale_t is None else lr_scale * b.lr_scale_t[i]
+                x = Slot(targets[i], b.grads[i], {k: v[i] for k, v in b.state.items()}, t, hp, b.roles[i], rate,
+                         decay, mask_scale)
+                x.extra = {k: v[i] for k, v in b.extras.items()}
+                static = static_keys(transforms, b.steps[i], b.hp)
+                targets[i].copy_(tensor_step(transforms, x, self.skip_nonfinite, static))
+                kept[i] = x.scratch.get("cautious_kept")
+                b.scratch.setdefault("skipped", []).append(x.scratch["skipped"].reshape(1))
+                del x  # its temporaries go before the next tensor's step
             self._encode(b, decoded)
-            kept[i] = x.scratch.get("cautious_kept")
-            b.scratch.setdefault("skipped", []).append(x.scratch["skipped"].reshape(1))
-            del x  # its decoded states go before the next tensor's are decoded
         if any(getattr(t, "name", "") == "cautious" for t in transforms):
             b.scratch["cautious_kept"] = kept
         self._finish(b, states, targets)
