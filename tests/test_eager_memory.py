@@ -119,3 +119,4 @@ def test_slices_bound_elements_and_keep_order():
     assert opt._slices(sizes) == [[0], [1, 2], [3], [4]]  # 60+50 > 100; a tensor larger than a slice goes alone
     opt.SLICE_ELEMENTS = 1 << 24
     assert opt._slices(sizes) == [[0, 1, 2, 3, 4]]
+    assert opt._slices([]) == [] and opt._slices([1 << 30]) == [[0]]

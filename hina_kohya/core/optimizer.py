@@ -269,7 +269,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         fused = self.fused
         # the fused kernels read and write fp16 states as stored (the cast happens in the kernel);
         # 8-bit and bf16 states stay encoded (``Encoded``) until a path decodes the few tensors it
-        # is about to step -- one kernel call's, one list-wise slice's, one tensor's -- and encodes
+        # is about to step -- one kernel call's, or one slice's on the eager paths -- and encodes
         # them back right after, so a step never holds a whole group's state in fp32 (no
         # transform's prepare reads a quantizable state)
         views = {s.key: [self.store.read(st, s, cdtype, keep_fp16=fused, lazy=True, step=t, index=i)
@@ -296,19 +296,20 @@ class HinaOptimizer(torch.optim.Optimizer):
         for st, t in zip(states, steps):
             st["step"] = t
 
-    #: the list-wise path steps a bucket in slices of about this many elements: its snapshot,
-    #: its temporaries (a few per state and transform) and its decoded 8-bit / bf16 states then take
-    #: memory in proportion to one slice, not to the whole bucket (a full fine-tune's group).
-    #: 2**24 elements = 64 MiB per fp32 list; rank-16 LoRA sets of SD1.5 fit in one slice.
+    #: the eager paths step a bucket in slices of about this many elements: the list-wise path's
+    #: snapshot and temporaries (a few per state and transform) and both paths' decoded 8-bit /
+    #: bf16 states then take memory in proportion to one slice, not to the whole bucket (a full
+    #: fine-tune's group). 2**24 elements = 64 MiB per fp32 list; rank-16 LoRA sets of SD1.5 fit
+    #: in one slice.
     SLICE_ELEMENTS = 1 << 24
 
     def _slices(self, sizes: list[int]) -> list[list[int]]:
         """Consecutive ranges of positions in ``sizes`` (tensors' element counts) of at most
-        ``SLICE_ELEMENTS`` elements each (a larger tensor alone)."""
-        out: list[list[int]] = [[]]
+        ``SLICE_ELEMENTS`` elements each (a larger tensor alone); none for no tensors."""
+        out: list[list[int]] = []
         total = 0
         for i, n in enumerate(sizes):
-            if out[-1] and total + n > self.SLICE_ELEMENTS:
+            if not out or total + n > self.SLICE_ELEMENTS:
                 out.append([])
                 total = 0
             out[-1].append(i)
