@@ -26,7 +26,10 @@ def _trained(cls, kw, precision, slice_elements, steps=8, nan_at=None):
     opt = cls(model.groups(), fused=False, lr=1e-2, state_precision=precision, min_8bit_size=16, **kw)
     opt.SLICE_ELEMENTS = slice_elements
     for s in range(steps):
-        train(model, opt, 1, start=s) if s != nan_at else _nan_step(model, opt, s)
+        if s == nan_at:
+            _nan_step(model, opt, s)
+        else:
+            train(model, opt, 1, start=s)
     return model, opt
 
 
@@ -65,8 +68,8 @@ def test_eager_slices_equal_the_whole_bucket_bit_for_bit(cls, kw, precision):
 
 
 def _spy_decodes(monkeypatch):
-    """Record every batch of 8-bit states the eager paths decode, and whether an earlier batch's
-    decoded tensors were still alive when it was decoded."""
+    """Record every batch of 8-bit / bf16 states the eager paths decode, and whether an earlier
+    batch's decoded tensors were still alive when it was decoded."""
     calls, alive_before = [], []
     original = quant.decode_fresh
 
