@@ -221,7 +221,7 @@ def test_batched_codec_equals_the_per_tensor_one(backend):
             x = torch.randn(shape, generator=gen)
             x = x if signed else x.abs()
             codes, absmax = q.encode(x, signed)
-            handles.append(quant.Encoded(q, codes.clone(), absmax.clone(), signed, torch.float32))
+            handles.append(quant.Encoded(q, codes.clone(), absmax.clone(), signed))
             bufs.append(torch.empty(x.numel()))
             reference.append((x, codes, absmax))
     quant.decode_all(list(zip(handles, bufs)))

@@ -347,6 +347,16 @@ class Quantizer:
         """Decode into ``out`` (fp32, contiguous, ``codes.numel()`` elements)."""
         self.decode_many([codes], [absmax], signed, [out])
 
+    def decode_handles(self, pairs: list[tuple["Encoded", Tensor]]) -> None:
+        """``decode_many`` of (handle, buffer) pairs of one map (``Encoded``'s codec interface)."""
+        self.decode_many([h.codes for h, _ in pairs], [h.absmax for h, _ in pairs], pairs[0][0].signed,
+                         [buf for _, buf in pairs])
+
+    def encode_handles(self, pairs: list[tuple["Encoded", Tensor]]) -> None:
+        """``encode_many`` of (handle, buffer) pairs of one map."""
+        self.encode_many([buf for _, buf in pairs], pairs[0][0].signed, [h.codes for h, _ in pairs],
+                         [h.absmax for h, _ in pairs])
+
     def decode_many(self, codes: list[Tensor], absmax: list[Tensor], signed: bool, out: list[Tensor]) -> None:
         """``decode_into`` for several states of one map, batched as ``encode_many``.
         bitsandbytes' CPU backend has no ``out=`` variant: its decode is copied into ``out``."""
@@ -367,13 +377,13 @@ class BF16Codec:
     def __init__(self, store: "StateStore") -> None:
         self.store = store
 
-    def decode_many(self, codes: list[Tensor], absmax: list[Any], signed: bool, out: list[Tensor]) -> None:
-        for c, o in zip(codes, out):
-            o.view(c.shape).copy_(c)
+    def decode_handles(self, pairs: list[tuple["Encoded", Tensor]]) -> None:
+        for h, buf in pairs:
+            buf.view(h.shape).copy_(h.codes)
 
-    def encode_seeded(self, xs: list[Tensor], codes: list[Tensor], seeds: list[int]) -> None:
-        for x, c, seed in zip(xs, codes, seeds):
-            c.copy_(self.store.round_bf16(x.view(c.shape), seed))
+    def encode_handles(self, pairs: list[tuple["Encoded", Tensor]]) -> None:
+        for h, buf in pairs:
+            h.codes.copy_(self.store.round_bf16(buf.view(h.shape), h.seed))
 
 
 class Encoded:
@@ -385,15 +395,14 @@ class Encoded:
     step never holds a whole 8-bit or bf16 state in fp32 (which would make the step's peak
     memory larger than with fp32 state). The eager paths decode a few tensors' states at a time
     into fresh tensors (``decode_fresh``) and encode them back when those tensors are done.
-    ``quantizer`` is the codec (a ``Quantizer``, or ``BF16Codec`` with the rounding ``seed``).
+    ``quantizer`` is the codec (a ``Quantizer``, or ``BF16Codec`` with the rounding ``seed``); it
+    decodes and encodes (handle, buffer) pairs (``decode_handles`` / ``encode_handles``).
     """
 
-    __slots__ = ("quantizer", "codes", "absmax", "signed", "dtype", "seed")
+    __slots__ = ("quantizer", "codes", "absmax", "signed", "seed")
 
-    def __init__(self, quantizer: Any, codes: Tensor, absmax: Optional[Tensor], signed: bool, dtype: torch.dtype,
-                 seed: int = 0) -> None:
-        self.quantizer, self.codes, self.absmax, self.signed, self.dtype = quantizer, codes, absmax, signed, dtype
-        self.seed = seed
+    def __init__(self, quantizer: Any, codes: Tensor, absmax: Optional[Tensor], signed: bool, seed: int = 0) -> None:
+        self.quantizer, self.codes, self.absmax, self.signed, self.seed = quantizer, codes, absmax, signed, seed
 
     @property
     def shape(self) -> torch.Size:
@@ -414,8 +423,7 @@ def decode_all(pairs: list[tuple[Encoded, Tensor]]) -> None:
     """Decode each handle into its buffer (a contiguous fp32 tensor of its size), the handles of one quantizer
     and map in one batched call (``Quantizer.decode_many``)."""
     for group in _by_map(pairs).values():
-        q, signed = group[0][0].quantizer, group[0][0].signed
-        q.decode_many([h.codes for h, _ in group], [h.absmax for h, _ in group], signed, [buf for _, buf in group])
+        group[0][0].quantizer.decode_handles(group)
 
 
 def decode_fresh(handles: list[Encoded]) -> list[Tensor]:
@@ -432,11 +440,7 @@ def encode_all(pairs: list[tuple[Encoded, Tensor]]) -> None:
     """Encode each buffer back into its handle's codes and block maxima,
     batched as ``decode_all``."""
     for group in _by_map(pairs).values():
-        q, signed = group[0][0].quantizer, group[0][0].signed
-        if isinstance(q, BF16Codec):
-            q.encode_seeded([buf for _, buf in group], [h.codes for h, _ in group], [h.seed for h, _ in group])
-        else:
-            q.encode_many([buf for _, buf in group], signed, [h.codes for h, _ in group], [h.absmax for h, _ in group])
+        group[0][0].quantizer.encode_handles(group)
 
 
 def stored_tensor(view: Any) -> Any:
@@ -519,12 +523,12 @@ class StateStore:
         absmax = state.get(spec.key + ABSMAX_SUFFIX)
         if absmax is not None:
             if lazy and compute_dtype == torch.float32:
-                return Encoded(self.quantizer, stored, absmax, spec.signed, compute_dtype)
+                return Encoded(self.quantizer, stored, absmax, spec.signed)
             return self.quantizer.decode(stored, absmax, spec.signed)
         if stored.dtype == compute_dtype or (keep_fp16 and stored.dtype == torch.float16):
             return stored
         if lazy and stored.dtype == torch.bfloat16 and compute_dtype == torch.float32:
-            return Encoded(self._bf16, stored, None, spec.signed, compute_dtype, _seed(self.seed, step, index, spec.key))
+            return Encoded(self._bf16, stored, None, spec.signed, _seed(self.seed, step, index, spec.key))
         return stored.to(compute_dtype)
 
     def write(self, state: dict, spec: StateSpec, value: Tensor, step: int, index: int) -> None:
