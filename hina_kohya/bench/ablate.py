@@ -41,9 +41,14 @@ RECIPES = ("HinaAdamW", "AdaptiveHinaAdamW", "Automagic_CameAMP", "Automagic_Cam
            "Automagic_CameAMP_Improved")
 
 
+def _probe(cls: type, **kw) -> torch.optim.Optimizer:
+    """``cls`` on one small tensor: enough to read its chain."""
+    return cls([torch.nn.Parameter(torch.zeros(4, 4))], lr=1e-4, **kw)
+
+
 def _chain_of(cls: type, **kw) -> tuple:
     """What a switch can change: the transforms and the state they keep."""
-    probe = cls([torch.nn.Parameter(torch.zeros(4, 4))], lr=1e-4, **kw)
+    probe = _probe(cls, **kw)
     chain = probe.chain_for(0)
     return [t.name for t in chain.transforms], [s.key for s in chain.state_specs(probe.param_groups[0])]
 
@@ -89,17 +94,26 @@ def techniques(cls: type) -> dict[str, tuple[str, str]]:
     return out
 
 
-def first_active_step(cls: type, name: str) -> int:
-    """The first step at which technique ``name`` (a switch or a transform's name, as ``chosen``
-    takes it) acts in ``cls`` with its default warm-up: 1, or later for a transform the recipe
-    starts part-way through the warm-up (Automagic_CameAMP_Improved's Cautious: half of it)."""
+def late_starts(cls: type) -> dict[str, int]:
+    """The transforms ``cls`` starts part-way through its default warm-up (a ``Phase`` with a
+    start bound, e.g. Automagic_CameAMP_Improved's Cautious at half of it) -> their first step."""
     from ..transforms.phase import Phase
 
-    probe = cls([torch.nn.Parameter(torch.zeros(4, 4))], lr=1e-4)
-    target = SWITCHED.get(name, name)
+    probe = _probe(cls)
     warmup = probe.param_groups[0].get("warmup_steps", 0)
-    starts = [t.first_step(warmup) for t in probe.chain_for(0).transforms if isinstance(t, Phase) and t.name == target]
-    return min(starts) if starts else 1
+    out: dict[str, int] = {}
+    for t in probe.chain_for(0).transforms:
+        first = t.first_step(warmup) if isinstance(t, Phase) else 1
+        if first > 1:
+            out[t.name] = min(out.get(t.name, first), first)
+    return out
+
+
+def first_active_step(cls: type, name: str, starts: Optional[dict[str, int]] = None) -> int:
+    """The first step at which technique ``name`` (a switch or a transform's name, as ``chosen``
+    takes it) acts in ``cls`` with its default warm-up (``starts``: ``late_starts(cls)`` when
+    the caller has it already)."""
+    return (late_starts(cls) if starts is None else starts).get(SWITCHED.get(name, name), 1)
 
 
 def chosen(cls: type, only: Optional[list[str]]) -> dict[str, tuple[str, str]]:
@@ -133,7 +147,8 @@ def main(recipe: str, tasks: list[str], lr: float, seeds: int, steps: int, outpu
     picked = chosen(cls, only)
     # a technique that starts after the run's last step would give a row identical to the
     # defaults' at the cost of a full run: left out, with the step it starts at
-    late = {name: first_active_step(cls, name) for name in picked}
+    starts = late_starts(cls)
+    late = {name: first_active_step(cls, name, starts) for name in picked}
     late = {name: first for name, first in late.items() if first > steps}
     if late and len(late) == len(picked):
         starts = ", ".join(f"{name} starts at step {first}" for name, first in late.items())
