@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 import warnings
 from collections import deque
 
@@ -23,6 +22,7 @@ import torch
 from hina_kohya import (AdaptiveHinaAdamW, Automagic_CameAMP, Automagic_CameAMP_COptim, Automagic_CameAMP_Improved,
                         HinaAdamW)
 from hina_kohya.args import signature_defaults
+from hina_kohya.bench.step import resident_bytes
 from helpers import TinyLoRANet, batch, every_technique
 
 RECIPES = [HinaAdamW, AdaptiveHinaAdamW, Automagic_CameAMP, Automagic_CameAMP_COptim, Automagic_CameAMP_Improved]
@@ -76,8 +76,7 @@ def _live_tensors() -> int:
 def _rss_bytes() -> int:
     """The process's resident memory now (Linux), or its peak elsewhere."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return resident_bytes()
     except OSError:
         import resource
 

@@ -194,7 +194,8 @@ def _timed(opt: torch.optim.Optimizer, device: torch.device) -> float:
     return _timed_fn(opt.step, device)
 
 
-def _resident_bytes() -> int:
+def resident_bytes() -> int:
+    """The process's resident memory now (Linux; OSError elsewhere)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -223,7 +224,7 @@ def step_peak_mib(step: Callable[[], object], device: torch.device) -> float:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc: hand cached free memory back, so reuse shows
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident size
-        before = _resident_bytes()
+        before = resident_bytes()
     except OSError:  # not Linux / glibc: not measured
         return float("nan")
     step()
