@@ -1,0 +1,128 @@
+"""The eager per-tensor path (the Automagic family with ``fused=False``, or where compilation is
+unavailable: GPUs without Triton, CPUs without a compiler) steps same-shaped tensors together, one
+vmapped call of the per-tensor math per group, with the results of stepping them one at a time
+(``foreach=False``, the reference path) and a fraction of its operations."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hina_kohya import Automagic_CameAMP, Automagic_CameAMP_COptim, Automagic_CameAMP_Improved
+from helpers import OPT_IN, TinyLoRANet, params_of, train
+
+SAME_SHAPES = (16, 16, 16, 16)  # three [4, 16] down factors and three [16, 4] up factors
+CASES = [
+    (Automagic_CameAMP, dict(warmup_steps=6)),
+    (Automagic_CameAMP_COptim, dict(warmup_steps=6)),
+    (Automagic_CameAMP_Improved, dict(warmup_steps=6, **OPT_IN)),  # every opt-in heuristic
+]
+
+
+def _run(cls, kw, batched, precision="fp32", steps=9, nan_at=4, dtype=torch.float64):
+    model = TinyLoRANet(2, dtype=dtype, dims=SAME_SHAPES)
+    opt = cls(model.groups(), fused=False, foreach=None if batched else False, lr=1e-2, max_lr=5e-2,
+              lr_bump=2e-3, state_precision=precision, min_8bit_size=16, **kw)
+    for s in range(steps):
+        if s == nan_at:  # one tensor of a group gets a NaN gradient: it alone is skipped
+            _poisoned_step(model, opt, s)
+        else:
+            train(model, opt, 1, start=s)
+    return model, opt
+
+
+def _poisoned_step(model, opt, s):
+    class Poison:
+        def zero_grad(self, set_to_none=True):
+            opt.zero_grad(set_to_none=set_to_none)
+
+        def step(self):
+            model.layers[1].lora_down.weight.grad[0, 0] = float("nan")
+            opt.step()
+
+    train(model, Poison(), 1, start=s)
+
+
+@pytest.mark.parametrize("cls,kw", CASES)
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "8bit"])
+def test_batched_eager_step_equals_one_tensor_at_a_time(cls, kw, precision):
+    ref_model, ref = _run(cls, kw, batched=False, precision=precision)
+    model, opt = _run(cls, kw, batched=True, precision=precision)
+    assert opt._batched and not ref._batched
+    for a, b in zip(params_of(ref_model), params_of(model)):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15)
+    for pa, pb in zip(ref_model.parameters(), model.parameters()):
+        sa, sb = ref.state[pa], opt.state[pb]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if torch.is_tensor(sa[k]) and sa[k].is_floating_point():
+                torch.testing.assert_close(sb[k].double(), sa[k].double(), rtol=1e-9, atol=1e-12, msg=k)
+    la, lb = ref.log_dict(), opt.log_dict()
+    assert la["hina/nonfinite_skipped"] == lb["hina/nonfinite_skipped"] == 1.0
+    assert la.keys() == lb.keys()
+    for k in la:
+        assert lb[k] == pytest.approx(la[k], rel=1e-9, abs=1e-12), k
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_step(opt, model, step=3):
+    train(model, opt, step)
+    x = torch.randn(8, model.dims[0], dtype=model.dtype)
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    with _CountOps() as count:
+        opt.step()
+    return count.n
+
+
+def test_batched_eager_step_runs_each_operation_once_per_shape():
+    dims = (16,) * 9  # 8 down factors [4, 16] in one group, 8 up factors [16, 4] and a vector in the other
+    counts = {}
+    for name, kw in (("one at a time", dict(foreach=False)), ("batched", {}),
+                     ("groups of one tensor", dict(group_elements=64))):
+        model = TinyLoRANet(0, dims=dims)
+        opt = Automagic_CameAMP(model.groups(), fused=False, warmup_steps=2, **{k: v for k, v in kw.items()
+                                                                                if k == "foreach"})
+        if "group_elements" in kw:
+            opt.GROUP_ELEMENTS = kw["group_elements"]  # 64 elements: each [4, 16] tensor is its own group
+        counts[name] = _ops_per_step(opt, model)
+    # 17 tensors in 3 shapes: per-tensor work runs 3 times instead of 17 (stacking and copying back
+    # add a few operations per tensor)
+    assert counts["batched"] < counts["one at a time"] / 3, counts
+    assert counts["groups of one tensor"] >= counts["one at a time"] * 0.95, counts
+
+
+def test_batched_eager_step_falls_back_to_one_tensor_at_a_time(monkeypatch):
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("no batching rule")
+
+    ref_model, _ = _run(Automagic_CameAMP, dict(warmup_steps=6), batched=False, nan_at=None)
+    monkeypatch.setattr(torch.func, "vmap", unavailable)
+    with pytest.warns(UserWarning, match="batched eager step is unavailable .*no batching rule.*one tensor at a time"):
+        model, opt = _run(Automagic_CameAMP, dict(warmup_steps=6), batched=True, nan_at=None)
+    assert not opt._batched
+    for a, b in zip(params_of(ref_model), params_of(model)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_batched_eager_step_writes_bf16_parameters_through_their_master_copies():
+    runs = []
+    for batched in (False, True):
+        model = TinyLoRANet(2, dtype=torch.bfloat16, dims=SAME_SHAPES)
+        opt = Automagic_CameAMP(model.groups(), fused=False, foreach=None if batched else False, lr=1e-2,
+                                max_lr=5e-2, warmup_steps=6, master_weights=True)
+        train(model, opt, 5)
+        runs.append([opt.state[p]["master_param"] for p in model.parameters()])
+    start = TinyLoRANet(2, dtype=torch.bfloat16, dims=SAME_SHAPES).parameters()
+    moved = max(float((m - p.float()).abs().max()) for m, p in zip(runs[1], start))
+    assert moved > 1e-3  # the steps changed the weights
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
