@@ -126,3 +126,18 @@ def test_batched_eager_step_writes_bf16_parameters_through_their_master_copies()
     assert moved > 1e-3  # the steps changed the weights
     for a, b in zip(*runs):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls,kw", CASES)
+def test_batched_eager_step_makes_no_host_syncs(cls, kw):
+    from hina_kohya.bench.syncs import count_host_syncs
+
+    model = TinyLoRANet(0, dims=SAME_SHAPES)
+    opt = cls(model.groups(), fused=False, lr=1e-3, **kw)
+    train(model, opt, 4)  # into the late warm-up: Cautious and the lr mask's d_coef run
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    with count_host_syncs() as syncs:
+        opt.step()
+    assert opt._batched
+    assert syncs.count == 0, syncs.by_method
