@@ -199,7 +199,7 @@ class Bucket:
         if self._update is None or any(u is None for u in self._update):
             raise RuntimeError("the recipe's chain produced no update; its first transform must set one")
         if self._borrowed:
-            self._update = [u.clone() for u in self._update]  # type: ignore[union-attr]
+            self._update = copies(self._update)  # type: ignore[arg-type]
             self._borrowed = False
         return self._update  # type: ignore[return-value]
 
@@ -286,6 +286,15 @@ class Transform:
 
     def after_math(self, x: Slot, new: Tensor) -> Tensor:  # pragma: no cover - optional
         raise NotImplementedError
+
+
+def copies(tensors: list[Optional[Tensor]]) -> list[Optional[Tensor]]:
+    """Copies of the tensors (None stays None) in one list-wise op instead of a clone per tensor
+    (on a GPU, one launch per tensor): ``x * 1`` is exact, NaN, inf and -0 included (subnormals
+    too, unless ``torch.set_flush_denormal(True)`` flushes them as it does in any arithmetic)."""
+    present = [t for t in tensors if t is not None]
+    it = iter(torch._foreach_mul(present, 1.0) if present else [])
+    return [next(it) if t is not None else None for t in tensors]
 
 
 def static_keys(transforms: list[Transform], step: int, hp: dict) -> tuple:

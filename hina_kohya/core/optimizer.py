@@ -35,7 +35,7 @@ from torch import Tensor
 from .. import roles as roles_mod
 from ..args import check_hparams
 from . import fused as fused_mod
-from .chain import Bucket, Chain, Slot, StateSpec, static_keys, tensor_step
+from .chain import Bucket, Chain, Slot, StateSpec, copies, static_keys, tensor_step
 from .precision import ROUNDINGS, check_param_dtype, kahan_write
 from . import quant
 from .quant import Encoded, StateStore, _seed, stored_tensor
@@ -390,25 +390,22 @@ class HinaOptimizer(torch.optim.Optimizer):
 
     def _snapshot(self, b: Bucket, states: list[dict]) -> None:
         """List-wise path: keep what a non-finite step must leave untouched (per-tensor paths do
-        this inside ``chain.tensor_step``, where it fuses away)."""
-        largest = torch._foreach_norm(b.grads, float("inf"))  # max |g|: NaN/inf, never overflow
-        b.scratch["finite"] = [torch.isfinite(m) for m in largest]
-        b.scratch["old_states"] = {k: [v.clone() if v is not None else None for v in views]
-                                   for k, views in b.state.items()}
-        b.scratch["old_params"] = [p.detach().clone() if p.dtype == b.compute_dtype else None for p in b.params]
-        b.scratch["old_master"] = [st["master_param"].clone() if "master_param" in st else None for st in states]
+        this inside ``chain.tensor_step``, where it fuses away). List-wise ops throughout: on a
+        GPU each per-tensor op here would be one more kernel launch per tensor."""
+        b.scratch["finite"] = _all_finite(b.grads)
+        b.scratch["old_states"] = {k: copies(views) for k, views in b.state.items()}
+        b.scratch["old_params"] = copies([p.detach() if p.dtype == b.compute_dtype else None for p in b.params])
+        b.scratch["old_master"] = copies([st.get("master_param") for st in states])
 
     def _restore_skipped(self, b: Bucket, targets: list[Tensor], states: list[dict]) -> None:
         if "finite" not in b.scratch:
             return
-        largest = torch._foreach_norm(targets, float("inf"))
-        finite = [f & torch.isfinite(m) for f, m in zip(b.scratch["finite"], largest)]
+        ok = b.scratch["finite"] & _all_finite(targets)
         for views in b.state.values():  # a finite step can still overflow a state (g**2 past fp32's range)
-            present = [i for i, v in enumerate(views) if v is not None]
-            if present:
-                for i, m in zip(present, torch._foreach_norm([views[i] for i in present], float("inf"))):
-                    finite[i] = finite[i] & torch.isfinite(m)
-        for i, (x, ok) in enumerate(zip(targets, finite)):
+            if any(v is not None for v in views):
+                ok = ok & _all_finite(views)
+        oks = ok.unbind()
+        for i, (x, ok_i) in enumerate(zip(targets, oks)):
             old = b.scratch["old_params"][i]
             if old is None:
                 old = b.scratch["old_master"][i]
@@ -416,12 +413,12 @@ class HinaOptimizer(torch.optim.Optimizer):
                 old = b.params[i].to(b.compute_dtype)
                 if "kahan_comp" in states[i]:
                     old = old + states[i]["kahan_comp"].float()
-            x.copy_(torch.where(ok, x, old))
+            torch.where(ok_i, x, old, out=x)
             for key, olds in b.scratch["old_states"].items():
                 if olds[i] is not None:
                     view = b.state[key][i]
-                    view.copy_(torch.where(ok, view, olds[i]))
-        b.scratch["skipped"] = [(~ok).to(b.compute_dtype).reshape(1) for ok in finite]
+                    torch.where(ok_i, view, olds[i], out=view)
+        b.scratch["skipped"] = [(~ok).to(b.compute_dtype)]
 
     # -- the per-tensor paths: the reference (eager) and the fused kernel (compiled) -----------
     def _run_per_tensor(self, b: Bucket, states: list[dict], transforms: list, fused: Optional[tuple]) -> None:
@@ -905,6 +902,19 @@ def _differs(a: Any, b: Any) -> bool:
         return bool(a != b)
     except (RuntimeError, TypeError, ValueError):  # tensors of several elements: not a setting to compare
         return False
+
+
+def _all_finite(tensors: list[Optional[Tensor]]) -> Tensor:
+    """``[len(tensors)]`` bool: whether each tensor is finite everywhere (True for None; at least
+    one must be a tensor), from their largest magnitudes (``foreach_norm(inf)``: NaN and inf
+    propagate, never an overflow), in a few list-wise ops whatever the number of tensors."""
+    present = [t for t in tensors if t is not None]
+    largest = torch.stack(torch._foreach_norm(present, float("inf")))
+    if len(present) < len(tensors):
+        zero = largest.new_zeros(())
+        it = iter(largest.unbind())
+        largest = torch.stack([next(it) if t is not None else zero for t in tensors])
+    return torch.isfinite(largest)
 
 
 def _few(names: list[str], k: int = 3) -> str:

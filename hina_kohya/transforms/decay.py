@@ -107,11 +107,15 @@ class SelectiveProjectionDecay(Transform):
         torch._foreach_clamp_min_(grow, 0.0)
         denom = torch._foreach_clamp_min(new, _TINY)
         ratio = torch._foreach_div(grow, denom)
-        coef = [torch.where(c < 0, lam * r, torch.zeros_like(r)) for c, r in zip(b.scratch["spd_c"], ratio)]
+        # on the stacked 0-d values: a few ops per bucket rather than three per tensor (GPU launches)
+        coef = torch.where(torch.stack(b.scratch["spd_c"]) < 0, lam * torch.stack(ratio), 0.0).unbind()
+        zero = [i for i, a in enumerate(b.state["spd_anchor"]) if a is None]
+        if zero:  # zero anchor: theta - k * theta = theta * (1 - k)
+            keep = torch._foreach_neg([coef[i] for i in zero])
+            torch._foreach_add_(keep, 1.0)
+            torch._foreach_mul_([targets[i] for i in zero], keep)
         for x, d, a, k in zip(targets, dev, b.state["spd_anchor"], coef):
-            if a is None:
-                x.mul_(1 - k)  # zero anchor: theta - k * theta
-            else:
+            if a is not None:
                 x.sub_(d * k)
 
 
