@@ -162,3 +162,35 @@ def test_list_wise_step_runs_few_operations_per_tensor(cls, kw, budget):
         counts.append(_ops_per_step(cls(model.groups(), fused=False, **kw), model))
     per_tensor = (counts[1] - counts[0]) / 16
     assert per_tensor <= budget, counts
+
+
+def test_compile_failure_falls_back_to_the_batched_eager_step(monkeypatch):
+    # what a GPU without Triton (or a CPU without a compiler) runs: the fused kernels fail on the
+    # first step, and the Automagic recipe steps same-shaped tensors together from then on
+    from hina_kohya.core import fused as fused_mod
+    from hina_kohya.core.optimizer import HinaOptimizer
+
+    def broken(*args, **kwargs):
+        def kernel(*a, **k):
+            raise RuntimeError("Cannot find a working triton installation")
+        return kernel
+
+    groups = []
+    step_group = HinaOptimizer._step_group
+
+    def spy(self, b, ids, *args, **kwargs):
+        groups.append(len(ids))
+        return step_group(self, b, ids, *args, **kwargs)
+
+    monkeypatch.setattr(fused_mod, "make_kernel", broken)
+    monkeypatch.setattr(HinaOptimizer, "_step_group", spy)
+    ref_model, model = TinyLoRANet(2, dims=SAME_SHAPES), TinyLoRANet(2, dims=SAME_SHAPES)
+    ref = Automagic_CameAMP(ref_model.groups(), fused=False, lr=1e-2, max_lr=5e-2, warmup_steps=6)
+    opt = Automagic_CameAMP(model.groups(), fused=True, lr=1e-2, max_lr=5e-2, warmup_steps=6)
+    with pytest.warns(UserWarning, match="fused kernels are unavailable .*triton.*using the eager path"):
+        train(model, opt, 5)
+    assert not opt.fused and opt._batched
+    assert groups and max(groups) == 3  # the three [4, 16] and the three [16, 4] factors
+    train(ref_model, ref, 5)
+    for a, b in zip(params_of(ref_model), params_of(model)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

@@ -665,8 +665,10 @@ class HinaOptimizer(torch.optim.Optimizer):
                 raise
             self.fused = False
             self._plans.clear()
+            # the eager path is list-wise for the Hina recipes and batched by shape for the
+            # Automagic ones (per-tensor math only): "eager" names both
             self.note_once(f"fused kernels are unavailable ({type(exc).__name__}: {str(exc)[:200]}); using the "
-                           "list-wise eager path (slower; see docs/BENCHMARKS.md)")
+                           "eager path (slower; see docs/BENCHMARKS.md)")
             return False
         self._fused_checked = True
         return True
