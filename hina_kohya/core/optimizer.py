@@ -447,11 +447,9 @@ class HinaOptimizer(torch.optim.Optimizer):
                         b, ids, torch.stack([numbers[r] for r in rows]), targets, hp, transforms, static, kept):
                     continue
                 for row, i in zip(rows, ids):
-                    t, lr_scale, decay, mask_scale = numbers[row].unbind()
-                    rate = lr_scale if b.lr_scale_t is None else lr_scale * b.lr_scale_t[i]
-                    x = Slot(targets[i], b.grads[i], {k: v[i] for k, v in b.state.items()}, t, hp, b.roles[i],
-                             rate, decay, mask_scale)
-                    x.extra = {k: v[i] for k, v in b.extras.items()}
+                    x = self._slot(targets[i], b.grads[i], {k: v[i] for k, v in b.state.items()}, numbers[row],
+                                   None if b.lr_scale_t is None else b.lr_scale_t[i], hp, b.roles[i],
+                                   {k: v[i] for k, v in b.extras.items()})
                     targets[i].copy_(tensor_step(transforms, x, self.skip_nonfinite, static))
                     kept[i] = x.scratch.get("cautious_kept")
                     b.scratch.setdefault("skipped", []).append(x.scratch["skipped"].reshape(1))
@@ -497,15 +495,12 @@ class HinaOptimizer(torch.optim.Optimizer):
         stacked = [torch.stack([b.state[k][i] for i in ids]) for k in keys]
         extras = [torch.stack([b.extras[k][i].reshape(()) for i in ids]) for k in extra_keys]
         rate_t = None if b.lr_scale_t is None else torch.stack([b.lr_scale_t[i].reshape(()) for i in ids]).to(numbers)
-        cautious = any(getattr(t, "name", "") == "cautious" for t in transforms)
 
         def one(p, g, st, nums, ex, rt):
-            t, lr_scale, decay, mask_scale = nums.unbind()
             states = {k: None for k in b.state}  # absent states stay None, as on the per-tensor path
             states.update(zip(keys, st))
             # roles reach the math through the prepare hooks' extras, as in the fused kernels
-            x = Slot(p, g, states, t, hp, None, lr_scale if rt is None else lr_scale * rt, decay, mask_scale)
-            x.extra = dict(zip(extra_keys, ex))
+            x = self._slot(p, g, states, nums, rt, hp, None, dict(zip(extra_keys, ex)))
             new = tensor_step(transforms, x, self.skip_nonfinite, static)
             k = x.scratch.get("cautious_kept")
             return new, x.scratch["skipped"], torch.zeros_like(x.scratch["skipped"]) if k is None else k
@@ -523,10 +518,20 @@ class HinaOptimizer(torch.optim.Optimizer):
         for k, value in zip(keys, stacked):
             torch._foreach_copy_([b.state[k][i] for i in ids], list(value.unbind(0)))
         b.scratch.setdefault("skipped", []).append(skipped.reshape(-1))
-        if cautious:
-            for j, i in enumerate(ids):
-                kept[i] = kept_now[j]
+        for j, i in enumerate(ids):  # read by the caller only when the chain has Cautious
+            kept[i] = kept_now[j]
         return True
+
+    @staticmethod
+    def _slot(p: Tensor, g: Tensor, states: dict, numbers: Tensor, rate_t: Optional[Tensor], hp: dict, role: Any,
+              extra: dict) -> Slot:
+        """One tensor's ``Slot`` for the per-tensor math: ``numbers`` is its row of
+        ``_tensor_numbers`` ([4]: step, rate factor, decay multiplier, mask unit); ``rate_t`` its
+        data-dependent rate factor (``Bucket.lr_scale_t``) or None."""
+        t, lr_scale, decay, mask_scale = numbers.unbind()
+        x = Slot(p, g, states, t, hp, role, lr_scale if rate_t is None else lr_scale * rate_t, decay, mask_scale)
+        x.extra = extra
+        return x
 
     @staticmethod
     def _tensor_numbers(b: Bucket, i: int) -> tuple[float, float, float, float]:
