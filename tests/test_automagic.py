@@ -425,11 +425,14 @@ def test_log_dict_cautious_fraction_counts_only_tensors_cautious_ran_on(fused):
 
 @pytest.mark.parametrize("cls", [Automagic_CameAMP, hk.AdaptiveHinaAdamW])
 def test_an_lr_above_max_lr_is_reported_not_silently_capped(cls):
-    """Both families' lr masks live in [min_lr, max_lr]: lr=3e-3 with the default max_lr=1e-3
-    trains like 1e-3 (AdaptiveHinaAdamW's converge sweep gave the same loss at every lr of its
-    grid before it warned)."""
+    """Both families' lr masks live in [min_lr, max_lr]: lr=3e-3 with an absolute max_lr=1e-3 (the
+    originals' default) trains like 1e-3 (AdaptiveHinaAdamW's converge sweep gave the same loss at
+    every lr of its grid before it warned); the default cap, 10 x lr, never sits below the lr."""
     p = torch.nn.Parameter(torch.randn(4, 4))
     with pytest.warns(UserWarning, match=r"lr=0\.003 is above max_lr=0\.001.*max_lr=0\.03"):
+        cls([p], lr=3e-3, max_lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         cls([p], lr=3e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

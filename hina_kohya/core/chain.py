@@ -46,7 +46,8 @@ class StateSpec:
                  function returns None where the state does not apply (e.g. 1-D params).
     applies:     None for every parameter, else ``role -> bool`` (e.g. an anchor only for full
                  weights). Where it does not apply, the state view is None.
-    fixed_format: "fp32" or "fp16" to store this state so whatever ``state_precision`` says
+    fixed_format: "fp32", "fp16" or "uint8" (small integers such as packed bits; transforms see
+                 them as floats) to store this state so whatever ``state_precision`` says
                  (fp16 for the lr mask: 2 bytes, 0.05 % relative resolution).
     """
 

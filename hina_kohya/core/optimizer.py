@@ -139,9 +139,14 @@ class HinaOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         # the group's initial rate, for rules that follow the scheduler (lr masks, LoRA+ checks)
         self.param_groups[-1].setdefault("hina_lr0", self.param_groups[-1]["lr"])
+        self.complete_group(self.param_groups[-1])
         hp = {k: v for k, v in self.param_groups[-1].items() if k in self.defaults}
         check_hparams(type(self).__name__, hp, self.extra_rules)
         self._invalidate()
+
+    def complete_group(self, group: dict) -> None:
+        """Fill in a new param group's settings that derive from its others (a recipe's hook; the
+        lr masks' relative cap, for one), before they are checked."""
 
     def _check_param(self, p: Tensor) -> None:
         if not isinstance(p, Tensor):
@@ -750,8 +755,8 @@ class HinaOptimizer(torch.optim.Optimizer):
                 if elements > 0:
                     out[f"hina/cautious_kept/group{gi}"] = float(torch.where(ran, counts - 1, 0).sum()) / elements
         out["hina/nonfinite_skipped"] = float(self._nonfinite) if self._nonfinite is not None else 0.0
-        masks = [(st["lr_mask"], g) for g in self.param_groups for p in g["params"]
-                 for st in [self.state.get(p, {})] if "lr_mask" in st]
+        masks = [(st.get("lr_mask", st.get("lr_rate")), g) for g in self.param_groups for p in g["params"]
+                 for st in [self.state.get(p, {})] if "lr_mask" in st or "lr_rate" in st]
         if masks:
             flat = torch.cat([m.float().abs().reshape(-1) * g["max_lr"] for m, g in masks])
             out.update({"hina/lr_mask/mean": float(flat.mean()), "hina/lr_mask/min": float(flat.min()),
@@ -775,6 +780,9 @@ class HinaOptimizer(torch.optim.Optimizer):
         aligned = self._align_by_names(state_dict)
         raw_state = aligned["state"]
         super().load_state_dict(aligned)
+        for group, hp in zip(self.param_groups, current_hp):
+            for key, value in hp.items():  # a setting newer than the checkpoint: the constructor's value
+                group.setdefault(key, value)
         self._invalidate()
         self._build_structure()
         # torch casts every floating state to the param dtype; put back the saved values

@@ -471,7 +471,10 @@ class StateStore:
 
     # -- format --------------------------------------------------------------------------
     def format_of(self, spec: StateSpec, numel: int, compute_dtype: torch.dtype) -> str:
-        """"plain" (compute dtype), "fp16", "bf16" or "8bit" for this state of a tensor of ``numel``."""
+        """"plain" (compute dtype), "fp16", "uint8" (small integers, e.g. packed bits), "bf16" or
+        "8bit" for this state of a tensor of ``numel``."""
+        if spec.fixed_format == "uint8":
+            return "uint8"
         if spec.fixed_format == "fp16" and compute_dtype != torch.float64:
             return "fp16"
         if spec.fixed_format is not None or not spec.quantizable or self.precision == "fp32" or compute_dtype == torch.float64:
@@ -504,6 +507,8 @@ class StateStore:
             state[spec.key] = value.to(compute_dtype)
         elif fmt == "fp16":
             state[spec.key] = value.to(torch.float16)
+        elif fmt == "uint8":
+            state[spec.key] = value.round().clamp(0, 255).to(torch.uint8)
         elif fmt == "bf16":
             state[spec.key] = self.round_bf16(value.float(), _seed(self.seed, step, index, spec.key))
         else:
@@ -571,6 +576,8 @@ class StateStore:
         fmt = self.format_of(spec, stored.numel(), compute_dtype)
         if fmt == "plain":
             state[spec.key] = stored.to(compute_dtype)
+        elif fmt == "uint8":  # a trainer's cast to the parameter dtype undone (the values are integers)
+            state[spec.key] = stored.round().clamp(0, 255).to(torch.uint8) if stored.dtype != torch.uint8 else stored
         elif fmt == "fp16":
             state[spec.key] = stored.to(torch.float16)
         elif fmt == "bf16":

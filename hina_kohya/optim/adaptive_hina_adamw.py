@@ -30,7 +30,7 @@ from ..core.chain import Chain
 from ..core.optimizer import HinaOptimizer
 from ..transforms.adaptive import ImportanceScaling, relationships
 from ..transforms.decay import DynamicWeightDecay, SelectiveProjectionDecay
-from ..transforms.lr_mask import LRMask, note_capped_groups
+from ..transforms.lr_mask import GRANULARITIES, MAX_LR_RATIO, LRMask, note_capped_groups, resolve_max_lr
 from .hina_adamw import (hina_features, hina_gradient_and_moments, hina_update_shaping, legacy_state_precision,
                          move_state)
 
@@ -50,7 +50,10 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         "compatibility_threshold": (lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "a number in [0, 1]"),
         "lr_bump": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
         "min_lr": (lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),
-        "max_lr": (lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),
+        "max_lr": (lambda v: v is None or (isinstance(v, (int, float)) and v > 0),
+                   "None (max_lr_ratio x lr) or a number > 0"),
+        "max_lr_ratio": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
+        "lr_mask_granularity": (lambda v: v in GRANULARITIES, " or ".join(map(repr, GRANULARITIES))),
         "warmup_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
     }
 
@@ -63,7 +66,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                  use_dynamic_adaptation: bool = True, adaptation_strength: float = 1.0,
                  relationship_discovery_interval: int = 100, importance_decay: float = 0.95,
                  compatibility_threshold: float = 0.3, use_lr_mask: bool = True, lr_bump: float = 3e-6,
-                 min_lr: float = 1e-7, max_lr: float = 1e-3, warmup_steps: int = 500,
+                 min_lr: float = 1e-7, max_lr: Optional[float] = None, max_lr_ratio: float = MAX_LR_RATIO,
+                 warmup_steps: int = 500, lr_mask_granularity: str = "element",
                  dynamic_weight_decay: bool = True, wd_transition_steps: int = 1000, wd_decay_factor: float = 0.7,
                  wd_min_ratio: float = 0.1, state_precision: str = "fp32", foreach: Optional[bool] = None,
                  bf16_rounding: str = "stochastic", master_weights: bool = False, seed: int = 0,
@@ -74,9 +78,6 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         state_precision = legacy_state_precision(owner, state_precision, optim_bits, amsgrad=amsgrad,
                                                  percentile_clipping=percentile_clipping, block_wise=block_wise,
                                                  is_paged=is_paged, args=args)
-        if use_lr_mask and not min_lr <= max_lr:
-            raise ValueError(f"{owner}: min_lr={min_lr!r} must not exceed max_lr={max_lr!r}; lower min_lr or raise "
-                             "max_lr.")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, use_spd=use_spd,
                         spd_lambda=spd_lambda, use_cautious=use_cautious, use_orthogonal_grad=use_orthogonal_grad,
                         use_adopt_stability=use_adopt_stability, use_grams=use_grams, use_agr=use_agr,
@@ -85,6 +86,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                         relationship_discovery_interval=relationship_discovery_interval,
                         importance_decay=importance_decay, compatibility_threshold=compatibility_threshold,
                         use_lr_mask=use_lr_mask, lr_bump=lr_bump, min_lr=min_lr, max_lr=max_lr,
+                        max_lr_ratio=max_lr_ratio, lr_mask_granularity=lr_mask_granularity,
                         warmup_steps=warmup_steps, dynamic_weight_decay=dynamic_weight_decay,
                         wd_transition_steps=wd_transition_steps, wd_decay_factor=wd_decay_factor,
                         wd_min_ratio=wd_min_ratio, optim_bits=optim_bits)
@@ -94,6 +96,9 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                          fused=fused, skip_nonfinite=skip_nonfinite)
         if use_lr_mask:
             note_capped_groups(self)
+
+    def complete_group(self, group: dict) -> None:
+        resolve_max_lr(group, type(self).__name__)
 
     # -- diagnostics (ALGORITHMS.md §3.2 keys; the original's crashes E1/E2 and wrong fields fixed) --
     def get_optimization_info(self) -> dict:
@@ -106,7 +111,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             "adaptation_config": {k: hp[k] for k in ("adaptation_strength", "relationship_discovery_interval",
                                                      "importance_decay", "compatibility_threshold")},
             "lr_mask_config": {"enabled": hp["use_lr_mask"], **{k: hp[k] for k in ("lr_bump", "min_lr", "max_lr",
-                                                                                   "warmup_steps")}},
+                                                                                   "max_lr_ratio", "warmup_steps")}},
             "memory_optimization": self.get_buffer_pool_stats() | {"max_buffers_per_shape": 0},
             "state_precision": self.state_precision, **diagnostics.role_counts(self),
         }
@@ -175,7 +180,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         scales = torch.cat([r["scale"].reshape(-1) for r in rows]) if rows else torch.ones(1)
         step = diagnostics.global_step(self)
         return {"lr_mask_enabled": True,
-                "configuration": {k: hp[k] for k in ("lr_bump", "min_lr", "max_lr", "warmup_steps")},
+                "configuration": {k: hp[k] for k in ("lr_bump", "min_lr", "max_lr", "max_lr_ratio", "warmup_steps")},
                 "parameter_analysis": per,
                 "global_statistics": {"total_parameters": len(rows),
                                       "warmup_parameters": sum(1 for p in per if not p["warmup_complete"]),
@@ -201,7 +206,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
     def build_chain(self, hp: dict) -> Chain:
         chain = hina_gradient_and_moments(hp) + hina_update_shaping(hp)
         if hp["use_lr_mask"]:
-            chain.append(LRMask())
+            chain.append(LRMask(granularity=hp["lr_mask_granularity"]))
         if hp["use_dynamic_adaptation"]:
             chain.append(ImportanceScaling())
         if hp["dynamic_weight_decay"]:

@@ -59,7 +59,7 @@ from ..transforms.agr import AGR
 from ..transforms.came import CAMEConfidence, FactoredSecondMoment
 from ..transforms.context import Context, ContextRate
 from ..transforms.decay import AdaptiveWeightDecay, NoDecoupledDecay, SelectiveProjectionDecay
-from ..transforms.lr_mask import LRMask, note_capped_groups
+from ..transforms.lr_mask import GRANULARITIES, LRMask, note_capped_groups, resolve_max_lr
 from ..transforms.masks import Background, Cautious, Grams
 from ..transforms.moments import ConsistencyMomentum, DualMomentum
 from ..transforms.phase import PHASES, Phase, phase_index
@@ -78,7 +78,9 @@ class OptimizerConfig:
 
     lr: float = 1e-6
     min_lr: float = 1e-7
-    max_lr: float = 1e-3
+    max_lr: Optional[float] = None      # None: max_lr_ratio x each group's lr
+    max_lr_ratio: float = 10.0
+    lr_mask_granularity: str = "element"
     lr_bump: float = 3e-6
     eps: tuple = (1e-30, 1e-16, 1e-8)
     clip_threshold: float = 1.0
@@ -126,18 +128,27 @@ class OptimizerConfig:
 
         num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
         need(num(self.lr) and self.lr > 0, "lr", "use a number > 0")
-        need(num(self.min_lr) and num(self.max_lr) and 0 < self.min_lr < self.max_lr, "min_lr",
-             f"use 0 < min_lr < max_lr (max_lr={self.max_lr!r})")
+        need(self.max_lr is None or (num(self.max_lr) and self.max_lr > 0), "max_lr",
+             "use None (max_lr_ratio x lr) or a number > 0")
+        need(num(self.max_lr_ratio) and self.max_lr_ratio > 0, "max_lr_ratio", "use a number > 0, e.g. 10.0")
+        need(self.lr_mask_granularity in GRANULARITIES, "lr_mask_granularity",
+             f"use one of {', '.join(map(repr, GRANULARITIES))}")
+        cap = self.max_lr if self.max_lr is not None else (
+            self.max_lr_ratio * self.lr if num(self.max_lr_ratio) and num(self.lr) else None)
+        need(num(self.min_lr) and cap is not None and num(cap) and 0 < self.min_lr < cap, "min_lr",
+             f"use 0 < min_lr < max_lr (max_lr={self.max_lr!r}, max_lr_ratio={self.max_lr_ratio!r}, lr={self.lr!r})")
         need(num(self.lr_bump) and self.lr_bump >= 0, "lr_bump", "use a number >= 0")
         need(isinstance(self.eps, tuple) and len(self.eps) >= 2 and all(num(e) and e > 0 for e in self.eps), "eps",
              "use a tuple of at least two numbers > 0, e.g. (1e-30, 1e-16, 1e-8)")
         need(isinstance(self.betas, tuple) and len(self.betas) == 3 and all(num(b) and 0 <= b < 1 for b in self.betas),
              "betas",
-             "use three numbers in [0, 1), e.g. (0.8, 0.99, 0.999)")
+             "use three numbers in [0, 1), e.g. (0.9, 0.999, 0.9999)")
         for name in ("clip_threshold", "eta"):
             need(num(getattr(self, name)) and getattr(self, name) > 0, name, "use a number > 0")
-        for name in ("beta1_decay", "tam_beta", "long_term_beta"):
+        for name in ("tam_beta", "long_term_beta"):
             need(num(getattr(self, name)) and 0 <= getattr(self, name) < 1, name, "use a number in [0, 1)")
+        need(num(self.beta1_decay) and 0 < self.beta1_decay <= 1, "beta1_decay",
+             "use a number in (0, 1]; 1.0 keeps beta1 constant")
         need(num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "use a number >= 0")
         need(isinstance(self.warmup_steps, int) and not isinstance(self.warmup_steps, bool)
              and self.warmup_steps >= 1, "warmup_steps", "use an integer >= 1")
@@ -219,12 +230,16 @@ class _AutomagicBase(HinaOptimizer):
                 raise TypeError(f"{owner}: regularizers must be RegularizationStrategy instances, got {r!r}")
         self.config = cfg
         self.regularizers = list(regularizers)
-        defaults = {k: v for k, v in cfg.to_dict().items() if k != "state_precision" and v is not None}
+        defaults = {k: v for k, v in cfg.to_dict().items()
+                    if k != "state_precision" and (v is not None or k == "max_lr")}
         defaults["eps"], defaults["betas"] = tuple(cfg.eps), tuple(cfg.betas)
         if cfg.alpha_mix_ratio is None:
             defaults["alpha_mix_ratio"] = 0.5
         super().__init__(params, defaults, state_precision=cfg.state_precision, **engine)
         note_capped_groups(self)
+
+    def complete_group(self, group: dict) -> None:
+        resolve_max_lr(group, type(self).__name__)
 
     # -- the shared head and tail of the chains ----------------------------------------------
     def _regularizers(self, hp: dict) -> list[Transform]:
@@ -251,7 +266,8 @@ class _AutomagicBase(HinaOptimizer):
     def get_group_lr(self, group: dict) -> float:
         """Mean per-element learning rate of a group's lr masks, scheduler ratio applied (the
         original's ``_get_group_lr``); the group's lr before the first step."""
-        masks = [self.state[p]["lr_mask"] for p in group["params"] if "lr_mask" in self.state.get(p, {})]
+        masks = [st.get("lr_mask", st.get("lr_rate")) for p in group["params"] for st in [self.state.get(p, {})]
+                 if "lr_mask" in st or "lr_rate" in st]
         if not masks:
             return float(group["lr"])
         mean = torch.cat([m.float().abs().reshape(-1) for m in masks]).mean()
@@ -303,7 +319,7 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - the original's public n
         if hp["weight_decay"] > 0:
             tail.append(AdaptiveWeightDecay())
         return Chain([*self._head(hp), Phase(TorqueAwareMomentum(), end="half_warmup"), ConsistencyMomentum(),
-                      CAMEConfidence(), *tail, *self._rows(hp), LRMask()])
+                      CAMEConfidence(), *tail, *self._rows(hp), LRMask(granularity=hp["lr_mask_granularity"])])
 
 
 def _mean_over_ranks(value: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -420,7 +436,8 @@ class Automagic_CameAMP_Improved(_AutomagicBase):  # noqa: N801
         spatial = [SpatialAwareness()] if hp["spatial_awareness"] else []
         return Chain([NoDecoupledDecay(), *self._head(hp), *spatial, Phase(TorqueAwareMomentum(), end="half_warmup"),
                       *mid, CAMEConfidence(), Phase(Grams(), end="half_warmup"), *late, *self._rows(hp),
-                      LRMask(d_coef=True, bump_scale=bool(hp["spatial_awareness"])),
+                      LRMask(d_coef=True, bump_scale=bool(hp["spatial_awareness"]),
+                             granularity=hp["lr_mask_granularity"]),
                       Phase(SelectiveProjectionDecay(strength="weight_decay"), end="warmup")])
 
 
