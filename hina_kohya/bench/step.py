@@ -34,6 +34,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import baselines
 from .paramsets import build
 from .syncs import count_host_syncs
 
@@ -87,11 +88,20 @@ def _prodigy(params, names):
     return Prodigy(params, lr=1.0)
 
 
+def _outside(factory: Callable, lr: float = 1e-4) -> Callable:
+    """An outside baseline of ``bench converge`` (``baselines``: factory(groups, lr)) over the set's named tensors."""
+    return lambda params, names: factory([{"params": params, "param_names": names}], lr)
+
+
 CANDIDATES: dict[str, tuple[str, Callable]] = {
     "adamw_fused": ("torch.optim.AdamW(fused=True)", _adamw(fused=True)),
     "bnb_adamw8bit": ("bitsandbytes AdamW8bit", _bnb_adamw8bit),
     "came": ("CAME (came-pytorch)", _came),
     "prodigy": ("Prodigy (prodigyopt)", _prodigy),
+    "adv_adamw": ("adv_optm AdamW_adv", _outside(baselines.adv_adamw)),
+    "adv_prodigy": ("adv_optm Prodigy_adv", _outside(baselines.adv_prodigy, 1.0)),
+    "lorarite": ("pytorch_optimizer LoRARite (AdamW off the factor pairs)", _outside(baselines.lorarite)),
+    "prodigy_plus": ("prodigy-plus-schedule-free", _outside(baselines.prodigy_plus, 1.0)),
     "hina_adamw_plain": ("HinaAdamW, techniques off, fp32 state", _recipe("HinaAdamW", "fp32", **PLAIN)),
     "hina_adamw_plain_bf16": ("HinaAdamW, techniques off, bf16 state", _recipe("HinaAdamW", "bf16", **PLAIN)),
     "hina_adamw_plain_8bit": ("HinaAdamW, techniques off, 8-bit state", _recipe("HinaAdamW", "8bit", **PLAIN)),
@@ -121,7 +131,8 @@ CANDIDATES: dict[str, tuple[str, Callable]] = {
     "adaptive_hina_adamw_eager": ("AdaptiveHinaAdamW, defaults, fp32 state, eager (fused=False)",
                                   _recipe("AdaptiveHinaAdamW", "fp32", fused=False)),
 }
-DEFAULT_CANDIDATES = ("adamw_fused", "bnb_adamw8bit", "came", "prodigy", "hina_adamw_plain", "hina_adamw_plain_8bit", "hina_adamw",
+DEFAULT_CANDIDATES = ("adamw_fused", "bnb_adamw8bit", "came", "prodigy", "adv_adamw", "adv_prodigy", "lorarite",
+                      "prodigy_plus", "hina_adamw_plain", "hina_adamw_plain_8bit", "hina_adamw",
                       "hina_adamw_8bit", "adaptive_hina_adamw", "adaptive_hina_adamw_8bit", "automagic_cameamp",
                       "automagic_cameamp_8bit", "automagic_cameamp_coptim", "automagic_cameamp_improved",
                       "hina_adamw_eager", "adaptive_hina_adamw_eager")
