@@ -53,6 +53,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "spd_lambda": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     "tam_beta": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
     "alora_ratio": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "riemannian_reg": (lambda v: _finite(v) and v > 0, "a finite number > 0, e.g. 1e-2"),
     "wd_transition_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
     "wd_decay_factor": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
     "wd_min_ratio": (lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]"),
@@ -65,7 +66,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 # switches: a string such as "False" would silently count as True
 _SWITCHES = ("use_spd", "use_cautious", "use_orthogonal_grad", "use_adopt_stability", "use_grams", "use_agr", "use_tam",
-             "use_alora", "dynamic_weight_decay", "use_dynamic_adaptation", "use_lr_mask", "came", "full_finetune",
+             "use_alora", "use_riemannian", "dynamic_weight_decay", "use_dynamic_adaptation", "use_lr_mask", "came", "full_finetune",
              "verbose", "edge_suppression", "background_regularization", "spatial_awareness", "lora_rank_penalty",
              "enable_cache", "enable_dual_momentum", "use_approximate_svd", "enable_stage_optimization", "foreach",
              "skip_nonfinite", "master_weights", "amsgrad", "block_wise", "is_paged")

@@ -48,6 +48,7 @@ from ..transforms.agr import AGR
 from ..transforms.decay import DynamicWeightDecay, SelectiveProjectionDecay
 from ..transforms.masks import Cautious, Grams
 from ..transforms.moments import ScaleByADOPT, ScaleByAdam
+from ..transforms.preconditioner import RiemannianPreconditioner
 from ..transforms.projection import OrthogonalGradient
 from ..transforms.scaling import LoKrScale, LoRAPlusRatio
 from ..transforms.torque import TorqueAwareMomentum
@@ -62,6 +63,7 @@ HINA_TECHNIQUES = {
     "use_agr": "AGR (adaptive gradient regularisation)",
     "use_tam": "TAM (torque-aware momentum)",
     "use_alora": "ALoRA / LoRA+ scaling",
+    "use_riemannian": "Riemannian preconditioner (opt-in)",
     "dynamic_weight_decay": "dynamic weight decay",
 }
 _LEGACY_IGNORED = {"amsgrad": False, "percentile_clipping": 100, "block_wise": True, "is_paged": False, "args": None}
@@ -86,7 +88,8 @@ class HinaAdamW(HinaOptimizer):
                  is_paged: bool = False, use_spd: bool = True, spd_lambda: float = 0.06, use_cautious: bool = False,
                  use_orthogonal_grad: bool = False, use_adopt_stability: bool = True, use_grams: bool = True,
                  use_agr: bool = True, use_tam: bool = True, tam_beta: float = 0.999, use_alora: bool = True,
-                 alora_ratio: float = 16.0, dynamic_weight_decay: bool = True, wd_transition_steps: int = 1000,
+                 alora_ratio: float = 16.0, use_riemannian: bool = False, riemannian_reg: float = 1e-2,
+                 dynamic_weight_decay: bool = True, wd_transition_steps: int = 1000,
                  wd_decay_factor: float = 0.7, wd_min_ratio: float = 0.1, state_precision: str = "fp32",
                  foreach: Optional[bool] = None, bf16_rounding: str = "stochastic", master_weights: bool = False,
                  seed: int = 0, resume_hparams: str = "saved", fused: Optional[bool] = None,
@@ -95,12 +98,13 @@ class HinaAdamW(HinaOptimizer):
         owner = type(self).__name__
         flags = dict(use_spd=use_spd, use_cautious=use_cautious, use_orthogonal_grad=use_orthogonal_grad,
                      use_adopt_stability=use_adopt_stability, use_grams=use_grams, use_agr=use_agr, use_tam=use_tam,
-                     use_alora=use_alora, dynamic_weight_decay=dynamic_weight_decay)
+                     use_alora=use_alora, use_riemannian=use_riemannian, dynamic_weight_decay=dynamic_weight_decay)
         state_precision = legacy_state_precision(owner, state_precision, optim_bits, amsgrad=amsgrad,
                                                  percentile_clipping=percentile_clipping, block_wise=block_wise,
                                                  is_paged=is_paged, args=args)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, spd_lambda=spd_lambda,
-                        tam_beta=tam_beta, alora_ratio=alora_ratio, wd_transition_steps=wd_transition_steps,
+                        tam_beta=tam_beta, alora_ratio=alora_ratio, riemannian_reg=riemannian_reg,
+                        wd_transition_steps=wd_transition_steps,
                         wd_decay_factor=wd_decay_factor, wd_min_ratio=wd_min_ratio, optim_bits=optim_bits, **flags)
         super().__init__(params, defaults, state_precision=state_precision, foreach=foreach,
                          bf16_rounding=bf16_rounding, master_weights=master_weights, seed=seed,
@@ -139,6 +143,8 @@ class HinaAdamW(HinaOptimizer):
 def hina_gradient_and_moments(hp: dict) -> list[Transform]:
     """Gradient transforms, then the moments (shared by HinaAdamW and AdaptiveHinaAdamW)."""
     out: list[Transform] = []
+    if hp.get("use_riemannian"):
+        out.append(RiemannianPreconditioner())
     if hp["use_orthogonal_grad"]:
         out.append(OrthogonalGradient())
     if hp["use_agr"]:
