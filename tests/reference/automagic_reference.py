@@ -86,7 +86,7 @@ def step(p, g, st, hp, t, lr0, recipe="C", rate=1.0, awd_k=1.0, adapter=True, b_
             u = u * phi
             upd_scale = u.numel() / (float(phi.sum()) + 1)
     else:
-        a = hp["beta1_decay"] ** t
+        a = hp["grams_decay"] ** t
         u = a * u.abs() * n.sign() + (1 - a) * u
         if hp["weight_decay"] > 0:
             u = u + hp["weight_decay"] * awd_k * p.reshape(rows, -1)
