@@ -36,7 +36,7 @@ from ..transforms.adaptive import ImportanceScaling, relationships
 from ..transforms.decay import DynamicWeightDecay, SelectiveProjectionDecay
 from ..transforms.lr_mask import GRANULARITIES, MAX_LR_RATIO, LRMask, note_capped_groups, resolve_max_lr
 from .hina_adamw import (hina_features, hina_gradient_and_moments, hina_update_shaping, legacy_state_precision,
-                         move_state)
+                         move_state, warn_inert_switches)
 
 
 def _positive_int(v: Any) -> bool:
@@ -79,6 +79,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                  skip_nonfinite: bool = True, quant_backend: str = "auto", **unknown: Any) -> None:
         refuse_unknown(type(self), unknown)
         owner = type(self).__name__
+        warn_inert_switches(owner, use_cautious, use_grams)
         state_precision = legacy_state_precision(owner, state_precision, optim_bits, amsgrad=amsgrad,
                                                  percentile_clipping=percentile_clipping, block_wise=block_wise,
                                                  is_paged=is_paged, args=args)

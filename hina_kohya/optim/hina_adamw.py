@@ -100,6 +100,7 @@ class HinaAdamW(HinaOptimizer):
                  skip_nonfinite: bool = True, quant_backend: str = "auto", **unknown: Any) -> None:
         refuse_unknown(type(self), unknown)
         owner = type(self).__name__
+        warn_inert_switches(owner, use_cautious, use_grams, use_alora, alora_ratio)
         flags = dict(use_spd=use_spd, use_cautious=use_cautious, use_orthogonal_grad=use_orthogonal_grad,
                      use_adopt_stability=use_adopt_stability, use_grams=use_grams, use_agr=use_agr, use_tam=use_tam,
                      use_alora=use_alora, use_riemannian=use_riemannian, dynamic_weight_decay=dynamic_weight_decay)
@@ -157,6 +158,21 @@ def hina_gradient_and_moments(hp: dict) -> list[Transform]:
         out.append(TorqueAwareMomentum())
     out.append(ScaleByADOPT() if hp["use_adopt_stability"] else ScaleByAdam())
     return out
+
+
+def warn_inert_switches(owner: str, use_cautious: bool, use_grams: bool, use_alora: Optional[bool] = None,
+                        alora_ratio: float = 16.0) -> None:
+    """Arguments that do nothing under the 0.2 defaults, said once at construction: an old
+    ``--optimizer_args "use_grams=True"`` or ``"alora_ratio=18"`` would otherwise silently
+    train without the technique it names."""
+    if use_grams and use_cautious:
+        warnings.warn(f"{owner}: use_grams=True has no effect while use_cautious=True (the default since 0.2; "
+                      "after Cautious, Grams is the identity); pass use_cautious=False to shape the update with "
+                      "Grams.", stacklevel=3)
+    if use_alora is False and alora_ratio != 16.0:
+        warnings.warn(f"{owner}: alora_ratio={alora_ratio!r} has no effect while use_alora=False (the default "
+                      "since 0.2: ratios of 4 and more ended 10-1500x above AdamW on LoKr); pass use_alora=True "
+                      "to apply the LoRA+ ratio.", stacklevel=3)
 
 
 def hina_update_shaping(hp: dict) -> list[Transform]:
