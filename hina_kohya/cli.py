@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     bcv = bsub.add_parser("converge", help="held-out loss and steps to AdamW's final loss, best lr per optimizer")
     bcv.add_argument("--optimizer", action="append",
                      help="candidate (repeatable; default all); a project recipe with constructor arguments as "
-                          "NAME:KEY=VALUE[:KEY=VALUE...], e.g. hina_adamw:alora_ratio=4.0")
+                          "NAME:KEY=VALUE[:KEY=VALUE...], e.g. hina_adamw:use_riemannian=True")
     bcv.add_argument("--lr", type=float, action="append",
                      help="learning rate of the sweep (repeatable; replaces the tasks' grids, "
                           "not Prodigy's multipliers; default: each task's grid)")

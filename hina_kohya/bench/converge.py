@@ -138,7 +138,7 @@ CANDIDATES: dict[str, tuple[str, Callable, tuple, Optional[str]]] = {
 def candidate(name: str) -> tuple[str, Callable, Optional[tuple], Optional[str]]:
     """The ``CANDIDATES`` entry for ``name``, or for ``base:key=value[:key=value...]`` the project
     recipe ``base`` with those constructor arguments (sd-scripts' ``optimizer_args`` syntax, checked
-    against the recipe's constructor), labelled with them: e.g. ``hina_adamw:alora_ratio=4.0``.
+    against the recipe's constructor), labelled with them: e.g. ``hina_adamw:use_riemannian=True``.
     ValueError names an unknown candidate, a baseline given arguments, or a bad argument."""
     from ..args import parse_optimizer_args
 
