@@ -108,13 +108,9 @@ def lr_mask_rows(opt) -> list[dict[str, Any]]:
     rows = []
     for g in opt.param_groups:
         lr0 = float(g.get("initial_lr", g.get("hina_lr0", g["lr"])))
-        for p in g["params"]:
-            st = opt.state.get(p, {})
-            stored = st.get("lr_mask", st.get("lr_rate"))  # per element, or per tensor / group
-            if stored is None:
-                continue
+        for p, stored in opt.stored_lr_rates(g):  # per element, or per tensor / group
             rate = stored.float().abs() * g["max_lr"]
             start = min(max(lr0, g["min_lr"]), g["max_lr"])
             rows.append({"p": p, "group": g, "rate": rate, "scale": rate / lr0, "start": start,
-                         "step": st["step"]})
+                         "step": opt.state[p]["step"]})
     return rows

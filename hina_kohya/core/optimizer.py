@@ -148,6 +148,17 @@ class HinaOptimizer(torch.optim.Optimizer):
         """Fill in a new param group's settings that derive from its others (a recipe's hook; the
         lr masks' relative cap, for one), before they are checked."""
 
+    def stored_lr_rates(self, group: dict) -> list[tuple[Tensor, Tensor]]:
+        """(param, stored rate) for each of ``group``'s params with lr-mask state: the per-element
+        ``lr_mask`` or the per-tensor / per-group ``lr_rate``, both L / max_lr (transforms/lr_mask.py)."""
+        out = []
+        for p in group["params"]:
+            st = self.state.get(p, {})
+            stored = st.get("lr_mask", st.get("lr_rate"))
+            if stored is not None:
+                out.append((p, stored))
+        return out
+
     def _check_param(self, p: Tensor) -> None:
         if not isinstance(p, Tensor):
             raise TypeError(f"{type(self).__name__} can only optimize Tensors, got {type(p).__name__}")
@@ -755,8 +766,7 @@ class HinaOptimizer(torch.optim.Optimizer):
                 if elements > 0:
                     out[f"hina/cautious_kept/group{gi}"] = float(torch.where(ran, counts - 1, 0).sum()) / elements
         out["hina/nonfinite_skipped"] = float(self._nonfinite) if self._nonfinite is not None else 0.0
-        masks = [(st.get("lr_mask", st.get("lr_rate")), g) for g in self.param_groups for p in g["params"]
-                 for st in [self.state.get(p, {})] if "lr_mask" in st or "lr_rate" in st]
+        masks = [(m, g) for g in self.param_groups for _, m in self.stored_lr_rates(g)]
         if masks:
             flat = torch.cat([m.float().abs().reshape(-1) * g["max_lr"] for m, g in masks])
             out.update({"hina/lr_mask/mean": float(flat.mean()), "hina/lr_mask/min": float(flat.min()),

@@ -276,8 +276,7 @@ class _AutomagicBase(HinaOptimizer):
     def get_group_lr(self, group: dict) -> float:
         """Mean per-element learning rate of a group's lr masks, scheduler ratio applied (the
         original's ``_get_group_lr``); the group's lr before the first step."""
-        masks = [st.get("lr_mask", st.get("lr_rate")) for p in group["params"] for st in [self.state.get(p, {})]
-                 if "lr_mask" in st or "lr_rate" in st]
+        masks = [m for _, m in self.stored_lr_rates(group)]
         if not masks:
             return float(group["lr"])
         mean = torch.cat([m.float().abs().reshape(-1) for m in masks]).mean()
